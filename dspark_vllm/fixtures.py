@@ -1,0 +1,145 @@
+"""Tiny offline models for tests, demos and benchmarks.
+
+`make_target` trains a byte-level BPE tokenizer on the Python standard
+library's own sources (present on every machine) and builds a small random
+Qwen3 model around it; `make_draft` builds a DeepSpec-format DSpark drafter
+for that target with random weights (its embedding and LM head are copies of
+the target's, as DeepSpec does). Everything is seeded and offline.
+"""
+
+from __future__ import annotations
+
+import json
+import sysconfig
+from pathlib import Path
+
+import torch
+
+from .model.checkpoint import save_checkpoint
+from .model.config import DSparkConfig
+from .model.dspark import DSparkDraftModel
+
+SPECIAL_TOKENS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<|mask|>"]
+CHAT_TEMPLATE = (
+    "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
+    "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+)
+
+
+def stdlib_files(limit: int | None = None) -> list[Path]:
+    root = Path(sysconfig.get_paths()["stdlib"])
+    files = sorted(p for p in root.glob("*.py"))
+    return files[:limit] if limit else files
+
+
+def train_tokenizer(out: Path, vocab_size: int, files: list[Path]):
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size,
+        special_tokens=SPECIAL_TOKENS,
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
+    tok.train([str(f) for f in files], trainer)
+    fast = PreTrainedTokenizerFast(
+        tokenizer_object=tok,
+        eos_token="<|im_end|>",
+        bos_token=None,
+        pad_token="<|endoftext|>",
+        unk_token=None,
+    )
+    fast.chat_template = CHAT_TEMPLATE
+    fast.save_pretrained(out)
+    return fast
+
+
+def make_target(out: str | Path, vocab_size: int = 512, hidden_size: int = 128, num_layers: int = 4,
+                logit_scale: float = 20.0, seed: int = 0, files: list[Path] | None = None):
+    """A tiny Qwen3 target with a locally trained tokenizer, saved to `out`.
+
+    `logit_scale` multiplies the random LM head so that the next-token
+    distribution is peaked rather than near-uniform, like a real model's.
+    """
+    from transformers import Qwen3Config, Qwen3ForCausalLM
+
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    tok = train_tokenizer(out, vocab_size, files or stdlib_files(limit=120))
+    torch.manual_seed(seed)
+    cfg = Qwen3Config(
+        vocab_size=len(tok), hidden_size=hidden_size, intermediate_size=2 * hidden_size,
+        num_hidden_layers=num_layers, num_attention_heads=4, num_key_value_heads=2,
+        head_dim=hidden_size // 4, max_position_embeddings=2048, tie_word_embeddings=False,
+        rope_theta=10000.0, rms_norm_eps=1e-6,
+        eos_token_id=tok.convert_tokens_to_ids("<|im_end|>"),
+        pad_token_id=tok.convert_tokens_to_ids("<|endoftext|>"), bos_token_id=None,
+    )
+    model = Qwen3ForCausalLM(cfg)
+    with torch.no_grad():
+        model.lm_head.weight.mul_(logit_scale)
+    model.save_pretrained(out, safe_serialization=True)
+    return model, tok
+
+
+def draft_config_for(target_cfg, block_size: int = 7, num_layers: int = 2, markov_rank: int = 16,
+                     target_layer_ids=None, confidence: bool = True, head_type: str = "vanilla",
+                     mask_token_id: int | None = None) -> DSparkConfig:
+    """A DeepSpec-style draft config: the target's config plus the DSpark keys."""
+    d = target_cfg.to_dict()
+    n = target_cfg.num_hidden_layers
+    d.update(
+        architectures=["Qwen3DSparkModel"],
+        num_target_layers=n,
+        num_hidden_layers=num_layers,
+        block_size=block_size,
+        tie_word_embeddings=False,
+        layer_types=["full_attention"] * num_layers,
+        mask_token_id=mask_token_id if mask_token_id is not None else target_cfg.vocab_size - 1,
+        target_layer_ids=list(target_layer_ids or range(0, n - 1)),
+        enable_confidence_head=confidence,
+        markov_rank=markov_rank,
+    )
+    d["rope_parameters"] = {"rope_theta": getattr(target_cfg, "rope_theta", None)
+                            or (target_cfg.rope_parameters or {}).get("rope_theta", 1e6),
+                            "rope_type": "default"}
+    if confidence:
+        d["confidence_head_with_markov"] = markov_rank > 0
+    if markov_rank:
+        d["markov_head_type"] = head_type
+    return DSparkConfig.from_dict(json.loads(json.dumps(d, default=str)))
+
+
+def init_draft_from_target(cfg: DSparkConfig, target_model, seed: int = 0, std: float = 0.02) -> DSparkDraftModel:
+    torch.manual_seed(seed)
+    draft = DSparkDraftModel(cfg)
+    with torch.no_grad():
+        for name, p in draft.named_parameters():
+            if name.endswith("norm.weight"):
+                p.fill_(1.0)
+            elif name.endswith(".bias"):
+                p.zero_()
+            else:
+                p.normal_(0.0, std)
+        draft.embed_tokens.weight.copy_(target_model.get_input_embeddings().weight)
+        draft.lm_head.weight.copy_(target_model.get_output_embeddings().weight)
+    return draft
+
+
+def make_draft(out: str | Path, target_model, **kw) -> DSparkDraftModel:
+    seed = kw.pop("seed", 0)
+    cfg = draft_config_for(target_model.config, **kw)
+    draft = init_draft_from_target(cfg, target_model, seed=seed)
+    save_checkpoint(draft, out)
+    return draft
+
+
+def make_fixtures(out: str | Path, **target_kw) -> dict[str, str]:
+    out = Path(out)
+    target, tok = make_target(out / "target", **target_kw)
+    make_draft(out / "dspark", target, block_size=7, mask_token_id=tok.convert_tokens_to_ids("<|mask|>"))
+    return {"target": str(out / "target"), "dspark": str(out / "dspark")}

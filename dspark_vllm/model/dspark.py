@@ -1,0 +1,240 @@
+"""The DSpark draft model in plain PyTorch, with DeepSpec's module names.
+
+`state_dict()` keys are exactly the published checkpoint names, so a DeepSpec
+checkpoint loads with `load_state_dict` and a trained model saves in the same
+format. The model never owns a KV cache: every attention layer hands its
+queries, keys and values to an `attend` callable. Training and the reference
+path attend over dense tensors (`dense_block_attention`); the vLLM integration
+attends over the draft layers' blocks in vLLM's paged KV cache.
+
+Paper terms: the *anchor* is the last committed token; a *block* is
+`[anchor, mask x (block_size-1)]`, each slot predicting the next token; the
+*Markov head* adds a low-rank bias W2(W1[x_{k-1}]) to slot k's logits; the
+*confidence head* predicts slot k's survival from [h_k ; W1[x_{k-1}]].
+"""
+
+from __future__ import annotations
+
+from typing import Callable
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .config import DSparkConfig
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim: int, eps: float):
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(dim))
+        self.eps = eps
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x32 = x.float()
+        x32 = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
+        return (self.weight * x32.to(x.dtype)).to(x.dtype)
+
+
+def rope(x: torch.Tensor, positions: torch.Tensor, theta: float) -> torch.Tensor:
+    """NeoX-style rotary embedding of x [T, heads, head_dim] at positions [T]."""
+    hd = x.shape[-1]
+    inv_freq = 1.0 / (theta ** (torch.arange(0, hd, 2, device=x.device, dtype=torch.float32) / hd))
+    angles = positions.float()[:, None] * inv_freq[None, :]  # [T, hd/2]
+    cos = torch.cat([angles.cos(), angles.cos()], -1)[:, None, :]
+    sin = torch.cat([angles.sin(), angles.sin()], -1)[:, None, :]
+    x32 = x.float()
+    x1, x2 = x32.chunk(2, dim=-1)
+    rotated = torch.cat([-x2, x1], dim=-1)
+    return (x32 * cos + rotated * sin).to(x.dtype)
+
+
+class Attention(nn.Module):
+    def __init__(self, cfg: DSparkConfig):
+        super().__init__()
+        H, Hkv, hd, d = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim, cfg.hidden_size
+        self.num_heads, self.num_kv_heads, self.head_dim = H, Hkv, hd
+        self.rope_theta = cfg.rope_theta
+        self.q_proj = nn.Linear(d, H * hd, bias=cfg.attention_bias)
+        self.k_proj = nn.Linear(d, Hkv * hd, bias=cfg.attention_bias)
+        self.v_proj = nn.Linear(d, Hkv * hd, bias=cfg.attention_bias)
+        self.o_proj = nn.Linear(H * hd, d, bias=cfg.attention_bias)
+        self.q_norm = RMSNorm(hd, cfg.rms_norm_eps)
+        self.k_norm = RMSNorm(hd, cfg.rms_norm_eps)
+
+    def keys_values(self, x: torch.Tensor, positions: torch.Tensor):
+        """K [T, Hkv, hd] (normed, rotated) and V [T, Hkv, hd] of x [T, d]."""
+        k = self.k_norm(self.k_proj(x).view(-1, self.num_kv_heads, self.head_dim))
+        v = self.v_proj(x).view(-1, self.num_kv_heads, self.head_dim)
+        return rope(k, positions, self.rope_theta), v
+
+    def queries(self, x: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+        q = self.q_norm(self.q_proj(x).view(-1, self.num_heads, self.head_dim))
+        return rope(q, positions, self.rope_theta)
+
+
+class MLP(nn.Module):
+    def __init__(self, cfg: DSparkConfig):
+        super().__init__()
+        self.gate_proj = nn.Linear(cfg.hidden_size, cfg.intermediate_size, bias=False)
+        self.up_proj = nn.Linear(cfg.hidden_size, cfg.intermediate_size, bias=False)
+        self.down_proj = nn.Linear(cfg.intermediate_size, cfg.hidden_size, bias=False)
+
+    def forward(self, x):
+        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+
+
+class DecoderLayer(nn.Module):
+    def __init__(self, cfg: DSparkConfig):
+        super().__init__()
+        self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.self_attn = Attention(cfg)
+        self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.mlp = MLP(cfg)
+
+
+class VanillaMarkovHead(nn.Module):
+    """First-order token-to-token bias W2(W1[x_{k-1}]) (paper eq. 5)."""
+
+    def __init__(self, cfg: DSparkConfig):
+        super().__init__()
+        self.markov_w1 = nn.Embedding(cfg.vocab_size, cfg.markov_rank)
+        self.markov_w2 = nn.Linear(cfg.markov_rank, cfg.vocab_size, bias=False)
+
+    def init_state(self, batch: int, like: torch.Tensor):
+        return None
+
+    def step(self, prev_tokens, hidden, state):
+        """Bias [B, V] for the next slot given the previous token; state unused."""
+        return self.markov_w2(self.markov_w1(prev_tokens)).float(), state
+
+
+class RNNMarkovHead(nn.Module):
+    """Gated recurrent head (paper eq. 6): the state carries the block's history.
+
+    z_k = [s_{k-1}; W1[x_{k-1}]; h_k]; s_k = g*s_{k-1} + (1-g)*tanh(c);
+    bias_k = W2(tanh(o)) with (g, c, o) = chunks of joint_proj(z_k).
+    """
+
+    def __init__(self, cfg: DSparkConfig):
+        super().__init__()
+        r = cfg.markov_rank
+        self.markov_w1 = nn.Embedding(cfg.vocab_size, r)
+        self.markov_w2 = nn.Linear(r, cfg.vocab_size, bias=False)
+        self.joint_proj = nn.Linear(2 * r + cfg.hidden_size, 3 * r)
+
+    def init_state(self, batch: int, like: torch.Tensor):
+        return like.new_zeros(batch, self.markov_w1.embedding_dim)
+
+    def step(self, prev_tokens, hidden, state):
+        z = torch.cat([state, self.markov_w1(prev_tokens), hidden.to(state.dtype)], dim=-1)
+        gate, cand, out = self.joint_proj(z).chunk(3, dim=-1)
+        g = torch.sigmoid(gate)
+        new_state = g * state + (1 - g) * torch.tanh(cand)
+        return self.markov_w2(torch.tanh(out)).float(), new_state
+
+
+class ConfidenceHead(nn.Module):
+    def __init__(self, in_features: int):
+        super().__init__()
+        self.proj = nn.Linear(in_features, 1)
+
+    def forward(self, features):  # -> logit
+        return self.proj(features).squeeze(-1)
+
+
+# attend(layer_index, q [Tq, H, hd], k [Tq, Hkv, hd], v [Tq, Hkv, hd]) -> [Tq, H*hd]
+AttendFn = Callable[[int, torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
+
+
+class DSparkDraftModel(nn.Module):
+    def __init__(self, cfg: DSparkConfig):
+        super().__init__()
+        self.config = cfg
+        self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
+        self.layers = nn.ModuleList(DecoderLayer(cfg) for _ in range(cfg.num_hidden_layers))
+        self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.fc = nn.Linear(cfg.fc_in_features, cfg.hidden_size, bias=False)
+        self.hidden_norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
+        self.markov_head = None
+        if cfg.markov_rank > 0:
+            head_cls = RNNMarkovHead if cfg.markov_head_type == "rnn" else VanillaMarkovHead
+            self.markov_head = head_cls(cfg)
+        self.confidence_head = (
+            ConfidenceHead(cfg.confidence_in_features) if cfg.enable_confidence_head else None
+        )
+
+    # -- context: target features -> per-layer K/V -------------------------
+    def fuse_target_features(self, target_hidden: torch.Tensor) -> torch.Tensor:
+        """hidden_norm(fc(concat of target layer outputs)): [T, L*d_t] -> [T, d]."""
+        return self.hidden_norm(self.fc(target_hidden))
+
+    def context_keys_values(self, fused: torch.Tensor, positions: torch.Tensor):
+        """The K/V every draft layer sees for context tokens (no input_layernorm)."""
+        return [layer.self_attn.keys_values(fused, positions) for layer in self.layers]
+
+    # -- the parallel backbone over one block per request --------------------
+    def block_input_ids(self, anchors: torch.Tensor) -> torch.Tensor:
+        """[B] anchors -> [B, block_size] = [anchor, mask, ..., mask]."""
+        ids = anchors.new_full((anchors.shape[0], self.config.block_size), self.config.mask_token_id)
+        ids[:, 0] = anchors
+        return ids
+
+    def backbone(self, input_ids: torch.Tensor, positions: torch.Tensor, attend: AttendFn) -> torch.Tensor:
+        """Final-normed hidden states [T, d] of flattened block tokens [T]."""
+        x = self.embed_tokens(input_ids)
+        for i, layer in enumerate(self.layers):
+            h = layer.input_layernorm(x)
+            attn = layer.self_attn
+            k, v = attn.keys_values(h, positions)
+            out = attend(i, attn.queries(h, positions), k, v)
+            x = x + attn.o_proj(out)
+            x = x + layer.mlp(layer.post_attention_layernorm(x))
+        return self.norm(x)
+
+    def base_logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        return self.lm_head(hidden).float()
+
+    # -- heads -------------------------------------------------------------
+    def markov_features(self, prev_tokens: torch.Tensor) -> torch.Tensor | None:
+        if self.markov_head is None:
+            return None
+        return self.markov_head.markov_w1(prev_tokens)
+
+    def confidence_logits(self, hidden: torch.Tensor, prev_tokens: torch.Tensor) -> torch.Tensor | None:
+        """Logit of slot k's survival from [h_k ; W1[x_{k-1}]] (never x_k itself)."""
+        if self.confidence_head is None:
+            return None
+        feats = hidden
+        if self.config.confidence_head_with_markov:
+            feats = torch.cat([hidden, self.markov_features(prev_tokens).to(hidden.dtype)], dim=-1)
+        return self.confidence_head(feats).float()
+
+
+def dense_block_attention(ctx_k, ctx_v, ctx_len: torch.Tensor, block_size: int) -> AttendFn:
+    """Reference attention: each request's block attends to its own context and block.
+
+    ctx_k/ctx_v: per layer, [B, S, Hkv, hd] padded context K/V; ctx_len [B].
+    Queries arrive flattened as [B*block_size, H, hd]. Inside a block attention
+    is bidirectional; context positions >= ctx_len are masked.
+    """
+
+    def attend(i, q, k, v):
+        B = ctx_len.shape[0]
+        H, hd = q.shape[1], q.shape[2]
+        q = q.view(B, block_size, H, hd).transpose(1, 2)
+        keys = torch.cat([ctx_k[i], k.view(B, block_size, *k.shape[1:])], dim=1).transpose(1, 2)
+        vals = torch.cat([ctx_v[i], v.view(B, block_size, *v.shape[1:])], dim=1).transpose(1, 2)
+        S = ctx_k[i].shape[1]
+        valid = torch.arange(S + block_size, device=q.device)[None, :] < (ctx_len[:, None])
+        valid[:, S:] = True
+        mask = valid[:, None, None, :]
+        rep = H // keys.shape[1]
+        out = F.scaled_dot_product_attention(
+            q.float(), keys.repeat_interleave(rep, 1).float(), vals.repeat_interleave(rep, 1).float(),
+            attn_mask=mask,
+        )
+        return out.transpose(1, 2).reshape(B * block_size, H * hd).to(q.dtype)
+
+    return attend

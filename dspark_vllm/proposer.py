@@ -1,0 +1,69 @@
+"""DSpark drafting: one parallel backbone forward per round, then the Markov loop.
+
+`draft_block` is the whole algorithm of one drafting round for a batch of
+requests, independent of vLLM: where the context K/V live is hidden behind the
+`attend` callable (dense tensors in tests and training, vLLM's paged KV cache
+in serving; see vllm_integration.py).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from .model.dspark import AttendFn, DSparkDraftModel
+from .sampling import SamplingRows, process_logits, sample
+
+
+@dataclass
+class Drafts:
+    """One round's proposals for B requests (K = tokens drafted per request)."""
+
+    tokens: torch.Tensor  # [B, K] int64
+    probs: torch.Tensor | None  # [B, K, V] q of each slot; zero rows for greedy requests
+    confidences: torch.Tensor | None  # [B, K] c_k = P(slot k survives | slots < k survived)
+
+
+@torch.inference_mode()
+def draft_block(
+    model: DSparkDraftModel,
+    anchors: torch.Tensor,  # [B] last committed token of each request
+    anchor_positions: torch.Tensor,  # [B] its position
+    attend: AttendFn,
+    num_tokens: int,
+    sampling: SamplingRows,
+    generators: dict[int, torch.Generator] | None = None,
+) -> Drafts:
+    B, gamma = anchors.shape[0], model.config.block_size
+    # 1. Parallel backbone: [anchor, mask, ...] at positions anchor_pos + 0..gamma-1.
+    ids = model.block_input_ids(anchors)
+    positions = anchor_positions[:, None] + torch.arange(gamma, device=anchors.device)
+    hidden = model.backbone(ids.flatten(), positions.flatten(), attend).view(B, gamma, -1)
+    base = model.base_logits(hidden[:, :num_tokens])  # U_k, [B, K, V]
+
+    # 2. Sequential Markov loop: slot k's logits get the bias of the token drafted at k-1.
+    greedy = sampling.is_greedy.to(anchors.device)
+    tokens = anchors.new_empty(B, num_tokens)
+    probs = None if bool(greedy.all()) else base.new_zeros(base.shape)
+    head = model.markov_head
+    state = head.init_state(B, hidden) if head is not None else None
+    prev = anchors
+    for k in range(num_tokens):
+        logits = base[:, k]
+        if head is not None:
+            bias, state = head.step(prev, hidden[:, k], state)
+            logits = logits + bias
+        token = logits.argmax(-1)
+        if probs is not None:
+            q = process_logits(logits, sampling).softmax(-1)
+            token = torch.where(greedy, token, sample(q, generators))
+            probs[:, k] = q * (~greedy)[:, None]
+        tokens[:, k] = token
+        prev = token
+
+    # 3. Confidence of slot k from [h_k ; W1[x_{k-1}]] (x_{-1} = anchor).
+    prev_tokens = torch.cat([anchors[:, None], tokens[:, :-1]], dim=1)
+    conf_logits = model.confidence_logits(hidden[:, :num_tokens], prev_tokens)
+    confidences = None if conf_logits is None else torch.sigmoid(conf_logits)
+    return Drafts(tokens, probs, confidences)

@@ -1,0 +1,432 @@
+"""Everything that touches vLLM 0.32's private internals lives in this file.
+
+The route (see README "How it plugs into vLLM"):
+- the user passes `speculative_config={"method": "custom_class", "model":
+  "dspark_vllm.DSparkProposer", ...}` and `additional_config={"dspark": {...}}`;
+- `install()` (run by the `vllm.general_plugins` entry point in every vLLM
+  process) wraps the platform's `check_and_update_config` so that such a config
+  gets our worker and scheduler classes filled in, and the draft checkpoint is
+  checked in the user's own process before any engine starts;
+- `DSparkScheduler` reserves block_size look-ahead KV slots per request: the
+  draft block writes its K/V there;
+- the worker installs `DSparkModelRunner` (a subclass of the V1 runner) which
+  asks the target for the hidden states of the draft's target layers, feeds
+  them to the drafter, and swaps in `DSparkRejectionSampler`, our exact
+  verification step.
+"""
+
+from __future__ import annotations
+
+import functools
+from dataclasses import replace
+
+import torch
+
+from .config import DSparkOptions, PROPOSER_PATH, options_from_additional_config
+from .model.checkpoint import TargetInfo, load_draft_model, validate_checkpoint
+from .model.config import DSparkConfigError
+from .policies import make_policy
+from .proposer import draft_block
+from .sampling import SamplingRows, process_logits
+from .verification import verify
+
+# ---------------------------------------------------------------------------
+# Config hook: fill in worker / scheduler classes, fail early on bad input.
+# ---------------------------------------------------------------------------
+
+_WORKERS = {
+    "vllm.v1.worker.cpu_worker.CPUWorker": "dspark_vllm.vllm_integration.DSparkCPUWorker",
+    "vllm.v1.worker.gpu_worker.Worker": "dspark_vllm.vllm_integration.DSparkGPUWorker",
+}
+_SCHEDULER = "dspark_vllm.vllm_integration.DSparkScheduler"
+
+
+def uses_dspark(vllm_config) -> bool:
+    spec = vllm_config.speculative_config
+    return spec is not None and spec.method == "custom_class" and spec.model in (
+        PROPOSER_PATH, "dspark_vllm.vllm_integration.DSparkProposer")
+
+
+def configure(vllm_config) -> None:
+    """Complete and check a vLLM config that asks for DSpark (idempotent)."""
+    if not uses_dspark(vllm_config):
+        return
+    options = options_from_additional_config(vllm_config.additional_config)
+    validate_checkpoint(
+        options.draft_model,
+        TargetInfo.from_hf_config(vllm_config.model_config.hf_config),
+        vllm_config.speculative_config.num_speculative_tokens,
+    )
+    make_policy(options.verification, options.model_dump())
+    parallel = vllm_config.parallel_config
+    if parallel.worker_cls in _WORKERS:
+        parallel.worker_cls = _WORKERS[parallel.worker_cls]
+    sched = vllm_config.scheduler_config
+    if sched.scheduler_cls in (None, "vllm.v1.core.sched.scheduler.Scheduler"):
+        sched.scheduler_cls = _SCHEDULER
+
+
+def install() -> None:
+    """Wrap the current platform's check_and_update_config once per process."""
+    from vllm.platforms import current_platform
+
+    platform_cls = type(current_platform)
+    original = platform_cls.check_and_update_config
+    if getattr(original, "_dspark_wrapped", False):
+        return
+
+    @functools.wraps(original)
+    def check_and_update_config(vllm_config) -> None:
+        original(vllm_config)
+        configure(vllm_config)
+
+    check_and_update_config._dspark_wrapped = True
+    platform_cls.check_and_update_config = staticmethod(check_and_update_config)
+
+
+# ---------------------------------------------------------------------------
+# Scheduler: reserve the look-ahead slots the draft block writes.
+# ---------------------------------------------------------------------------
+
+from vllm.v1.core.sched.scheduler import Scheduler  # noqa: E402
+
+
+class DSparkScheduler(Scheduler):
+    """vLLM's scheduler with `num_lookahead_tokens` = the draft block size.
+
+    vLLM reserves look-ahead slots only for its built-in drafters. Our draft
+    block [anchor, mask...] occupies positions anchor..anchor+block_size-1, so
+    every allocation must cover them. vLLM's __init__ assigns the attribute and
+    derives its per-step block budget from it; the property makes both see ours.
+    """
+
+    def __init__(self, vllm_config, *args, **kwargs):
+        options = options_from_additional_config(vllm_config.additional_config)
+        from .model.config import DSparkConfig
+
+        self._dspark_lookahead = DSparkConfig.from_pretrained(options.draft_model).block_size
+        super().__init__(vllm_config, *args, **kwargs)
+
+    @property
+    def num_lookahead_tokens(self) -> int:
+        return self._dspark_lookahead
+
+    @num_lookahead_tokens.setter
+    def num_lookahead_tokens(self, value: int) -> None:
+        pass  # vLLM's own value (0 for custom_class) is superseded
+
+
+# ---------------------------------------------------------------------------
+# The proposer: draft model + its attention layers in vLLM's paged KV cache.
+# ---------------------------------------------------------------------------
+
+
+class DSparkProposer:
+    """The `custom_class` drafter. Built by vLLM's runner with the config only."""
+
+    LAYER_PREFIX = "dspark_draft.layers"
+
+    def __init__(self, vllm_config):
+        self.vllm_config = vllm_config
+        self.options: DSparkOptions = options_from_additional_config(vllm_config.additional_config)
+        target = TargetInfo.from_hf_config(vllm_config.model_config.hf_config)
+        self.num_tokens = vllm_config.speculative_config.num_speculative_tokens
+        self.draft_config = validate_checkpoint(self.options.draft_model, target, self.num_tokens)
+        self.num_target_layers = target.num_hidden_layers
+        self.policy = make_policy(self.options.verification, self.options.model_dump())
+        self.model = None
+        self.attn_layers: list = []
+        self.layer_names: list[str] = []
+        self.pending: dict[str, tuple[list[int], torch.Tensor | None]] = {}
+        self.last_confidences: dict[str, list[float]] = {}
+
+    def load_model(self, target_model) -> None:
+        from vllm.model_executor.layers.attention import Attention
+
+        cfg = self.draft_config
+        device = next(target_model.parameters()).device
+        self.model = load_draft_model(self.options.draft_model, self.vllm_config.model_config.dtype, device)
+        cache_config = self.vllm_config.cache_config
+        self.layer_names = [
+            f"{self.LAYER_PREFIX}.{self.num_target_layers + i}.attn" for i in range(cfg.num_hidden_layers)
+        ]
+        # Created under vLLM's current config, these register in the static
+        # forward context: vLLM then sizes, allocates and binds their paged KV.
+        self.attn_layers = torch.nn.ModuleList(
+            Attention(cfg.num_attention_heads, cfg.head_dim, cfg.head_dim**-0.5,
+                      num_kv_heads=cfg.num_key_value_heads, cache_config=cache_config, prefix=name)
+            for name in self.layer_names
+        )
+
+    def propose(self, *args, **kwargs):
+        raise RuntimeError(
+            "DSparkProposer needs the DSpark worker (it feeds the target's hidden states). "
+            "worker_cls is normally filled in by the dspark-vllm plugin; if you set "
+            "worker_cls yourself, use 'dspark_vllm.vllm_integration.DSparkCPUWorker' "
+            "(CPU) or 'dspark_vllm.vllm_integration.DSparkGPUWorker' (CUDA)."
+        )
+
+    # -- context: write the draft layers' K/V at the target's slots ----------
+    @torch.inference_mode()
+    def write_context(self, target_features, positions, slot_mapping) -> None:
+        fused = self.model.fuse_target_features(target_features.to(self.model.fc.weight.dtype))
+        for layer, attn in zip(self.model.layers, self.attn_layers):
+            k, v = layer.self_attn.keys_values(fused, positions)
+            attn.impl.do_kv_cache_update(attn, k, v, attn.kv_cache, slot_mapping)
+
+    def forget(self, req_id: str) -> None:
+        self.pending.pop(req_id, None)
+        self.last_confidences.pop(req_id, None)
+
+
+# ---------------------------------------------------------------------------
+# The model runner: hidden states in, variable-length drafts out.
+# ---------------------------------------------------------------------------
+
+
+def sampling_rows(sampling_metadata, num_reqs: int) -> SamplingRows:
+    """Per-request temperature / top-k / top-p from vLLM's metadata.
+
+    (vLLM 0.32 drops its min-p and logit-bias processors whenever speculative
+    decoding is configured, so there is no min-p to read here.)
+    """
+    temp = sampling_metadata.temperature
+    temp = torch.zeros(num_reqs) if temp is None else temp[:num_reqs].float().cpu()
+    top_k = None if sampling_metadata.top_k is None else sampling_metadata.top_k[:num_reqs].cpu()
+    top_p = None if sampling_metadata.top_p is None else sampling_metadata.top_p[:num_reqs].float().cpu()
+    return SamplingRows(temp, top_k, top_p)
+
+
+class DSparkRunnerMixin:
+    """Overrides on vLLM's V1 GPUModelRunner / CPUModelRunner."""
+
+    def _dspark_setup(self) -> None:
+        self.use_aux_hidden_state_outputs = True
+        self.drafter.runner = self
+        self.rejection_sampler = DSparkRejectionSampler(
+            self.sampler, self.speculative_config, self.device, self.drafter)
+
+    def _get_eagle3_aux_layers_from_config(self):
+        # vLLM records aux state j = input of layer j = output of layer j-1.
+        return tuple(i + 1 for i in self.drafter.draft_config.target_layer_ids)
+
+    def _input_fits_in_drafter(self, *args, **kwargs) -> bool:
+        return True  # decided per request in propose_draft_token_ids
+
+    def _on_request_state_removed(self, req_id, req_state) -> None:
+        super()._on_request_state_removed(req_id, req_state)
+        self.drafter.forget(req_id)
+
+    def _dspark_group(self):
+        name = self.drafter.layer_names[0]
+        for gid, group in enumerate(self.kv_cache_config.kv_cache_groups):
+            if name in group.layer_names:
+                for attn_group in self.attn_groups[gid]:
+                    if name in attn_group.layer_names:
+                        return gid, attn_group.get_metadata_builder()
+        raise RuntimeError(f"draft attention layer {name} has no KV cache group")
+
+    @torch.inference_mode()
+    def propose_draft_token_ids(self, scheduler_output, sampled_token_ids, sampling_metadata,
+                                hidden_states, sample_hidden_states, aux_hidden_states,
+                                spec_decode_metadata, common_attn_metadata, slot_mappings):
+        drafter: DSparkProposer = self.drafter
+        n = scheduler_output.total_num_scheduled_tokens
+        # 1. Every scheduled token becomes draft context (prefill chunks too).
+        features = torch.cat([h[:n] for h in aux_hidden_states], dim=-1)
+        positions = self.positions[:n]
+        if isinstance(slot_mappings, list):
+            slot_mappings = slot_mappings[0]
+        drafter.write_context(features, positions, slot_mappings[drafter.layer_names[0]][:n])
+
+        # 2. Requests with a fresh anchor (not mid-prefill) and room for a block.
+        num_reqs = self.input_batch.num_reqs
+        req_ids = self.input_batch.req_ids[:num_reqs]
+        gid, builder = self._dspark_group()
+        table = self.input_batch.block_table[gid]
+        gamma = drafter.draft_config.block_size
+        rows, anchors, anchor_pos = [], [], []
+        for i, toks in enumerate(sampled_token_ids[:num_reqs]):
+            pos = int(self.input_batch.num_tokens_no_spec[i]) - 1
+            have_blocks = int(table.num_blocks_per_row[i]) * table.block_size
+            if toks and pos + gamma <= min(self.max_model_len, have_blocks):
+                rows.append(i)
+                anchors.append(toks[-1])
+                anchor_pos.append(pos)
+        drafts: list[list[int]] = [[] for _ in range(num_reqs)]
+        for req_id in req_ids:
+            drafter.forget(req_id)
+        if not rows:
+            return drafts
+
+        # 3. One parallel block forward on the paged KV cache + the Markov loop.
+        device = features.device
+        rows_t = torch.tensor(rows, device=device)
+        anchors_t = torch.tensor(anchors, device=device, dtype=torch.long)
+        anchor_pos_t = torch.tensor(anchor_pos, device=device, dtype=torch.long)
+        attend = self._paged_block_attention(builder, table.get_device_tensor(num_reqs)[rows_t],
+                                             table.block_size, anchor_pos_t, gamma)
+        rows_sampling = sampling_rows(sampling_metadata, num_reqs).index(torch.tensor(rows))
+        generators = {j: sampling_metadata.generators[i] for j, i in enumerate(rows)
+                      if i in sampling_metadata.generators}
+        out = draft_block(drafter.model, anchors_t, anchor_pos_t, attend, drafter.num_tokens,
+                          rows_sampling, generators)
+
+        # 4. Verification lengths from the policy; keep q for the acceptance step.
+        lengths = drafter.policy.lengths(out.confidences, drafter.num_tokens, len(rows)).tolist()
+        tokens = out.tokens.tolist()
+        for j, i in enumerate(rows):
+            L = int(lengths[j])
+            drafts[i] = tokens[j][:L]
+            probs = None if out.probs is None or bool(rows_sampling.is_greedy[j]) else out.probs[j, :L]
+            drafter.pending[req_ids[i]] = (drafts[i], probs)
+            if out.confidences is not None:
+                drafter.last_confidences[req_ids[i]] = out.confidences[j].tolist()
+        return drafts
+
+    def _paged_block_attention(self, builder, block_table, block_size, anchor_pos, gamma):
+        """attend() for draft blocks whose context K/V sit in vLLM's paged cache.
+
+        Block slot k of request r is at position anchor_pos[r] + k; its K/V go
+        into the look-ahead slots reserved by DSparkScheduler, and its query
+        attends (non-causally) to all positions < anchor_pos[r] + gamma.
+        """
+        from vllm.forward_context import set_forward_context
+        from vllm.v1.attention.backend import CommonAttentionMetadata
+
+        B = anchor_pos.shape[0]
+        pos = anchor_pos[:, None] + torch.arange(gamma, device=anchor_pos.device)
+        blocks = block_table.gather(1, (pos // block_size).to(block_table.dtype).long())
+        slots = (blocks.long() * block_size + pos % block_size).flatten()
+        qsl = torch.arange(0, (B + 1) * gamma, gamma, dtype=torch.int32, device=anchor_pos.device)
+        seq_lens = (anchor_pos + gamma).to(torch.int32)
+        common = CommonAttentionMetadata(
+            query_start_loc=qsl, query_start_loc_cpu=qsl.cpu(), seq_lens=seq_lens, num_reqs=B,
+            num_actual_tokens=B * gamma, max_query_len=gamma, max_seq_len=int(seq_lens.max()),
+            block_table_tensor=block_table, slot_mapping=slots, causal=False, positions=pos.flatten(),
+        )
+        meta = builder.build(common_prefix_len=0, common_attn_metadata=common)
+        names = self.drafter.layer_names
+        layers = self.drafter.attn_layers
+
+        def attend(i, q, k, v):
+            T = q.shape[0]
+            with set_forward_context({name: meta for name in names}, self.vllm_config, num_tokens=T,
+                                     slot_mapping={name: slots for name in names}):
+                return layers[i](q.reshape(T, -1), k.reshape(T, -1), v.reshape(T, -1))
+
+        return attend
+
+
+# ---------------------------------------------------------------------------
+# Verification: exact speculative sampling in place of vLLM's rejection sampler.
+# ---------------------------------------------------------------------------
+
+from vllm.v1.sample.rejection_sampler import RejectionSampler  # noqa: E402
+
+
+class DSparkRejectionSampler(RejectionSampler):
+    """Exact verification with per-request lengths and full draft probabilities.
+
+    Draft rows get vLLM's logits processors (penalties with the draft prefix,
+    bad words, allowed tokens, min-tokens), then temperature, min-p, top-k and
+    top-p exactly in the order of vLLM's sampler. The bonus token is sampled by
+    vLLM's own sampler, as in plain decoding, independently of acceptance.
+    """
+
+    def __init__(self, sampler, spec_config, device, proposer: DSparkProposer):
+        super().__init__(sampler, spec_config, device)
+        self.proposer = proposer
+        self.req_ids_fn = lambda: proposer.runner.input_batch.req_ids
+
+    def draft_probs_for(self, metadata, vocab: int, device) -> torch.Tensor:
+        """[num_draft_total, V] q rows; zero rows mean a deterministic draft."""
+        probs = torch.zeros(len(metadata.draft_token_ids), vocab, device=device)
+        drafted = metadata.draft_token_ids.tolist()
+        start = 0
+        for req_id, num in zip(self.req_ids_fn(), metadata.num_draft_tokens):
+            pending = self.proposer.pending.get(req_id)
+            if num and pending is not None:
+                tokens, q = pending
+                if drafted[start:start + num] != tokens[:num]:
+                    raise RuntimeError(f"request {req_id}: scheduled drafts differ from proposed ones")
+                if q is not None:
+                    probs[start:start + num] = q[:num].to(device)
+            start += num
+        return probs
+
+    def forward(self, metadata, draft_probs, logits, sampling_metadata):
+        num_reqs = len(metadata.num_draft_tokens)
+        bonus_out = self.sampler(
+            logits=logits[metadata.bonus_logits_indices],
+            sampling_metadata=replace(sampling_metadata, max_num_logprobs=-1),
+            predict_bonus_token=True,
+            logprobs_mode_override="processed_logits" if self.is_processed_logprobs_mode else "raw_logits",
+        )
+        bonus = bonus_out.sampled_token_ids.view(-1).long()
+
+        raw_target = logits[metadata.target_logits_indices].float()
+        target = self.apply_logits_processors(raw_target.clone(), sampling_metadata, metadata)
+        counts = torch.tensor(metadata.num_draft_tokens)
+        rows = sampling_rows(sampling_metadata, num_reqs)
+        target = process_logits(target, rows.expand(counts))
+
+        # verify() wants each request's rows followed by its bonus row; the
+        # bonus row is one-hot at vLLM's sampled bonus token.
+        V = target.shape[-1]
+        one_hot = torch.full((num_reqs, V), float("-inf"), device=target.device)
+        one_hot.scatter_(1, bonus[:, None], 0.0)
+        pieces, start = [], 0
+        for r, num in enumerate(metadata.num_draft_tokens):
+            pieces += [target[start:start + num], one_hot[r:r + 1]]
+            start += num
+        q = self.draft_probs_for(metadata, V, target.device)
+        out = verify(torch.cat(pieces), metadata.draft_token_ids.long(), list(metadata.num_draft_tokens),
+                     rows.is_greedy.to(target.device), q, sampling_metadata.generators)
+        out = out.to(torch.int32)
+
+        from vllm.v1.outputs import SamplerOutput
+
+        logprobs_tensors = None
+        if sampling_metadata.max_num_logprobs is not None:
+            logprobs_tensors = self._get_logprobs_tensors(
+                sampling_metadata.max_num_logprobs, metadata, logits,
+                target if self.is_processed_logprobs_mode else raw_target,
+                bonus_out.logprobs_tensors.logprobs, out,
+            )
+        return SamplerOutput(sampled_token_ids=out, logprobs_tensors=logprobs_tensors)
+
+
+# ---------------------------------------------------------------------------
+# Workers: install the DSpark runner.
+# ---------------------------------------------------------------------------
+
+from vllm.v1.worker.cpu_model_runner import CPUModelRunner  # noqa: E402
+from vllm.v1.worker.cpu_worker import CPUWorker  # noqa: E402
+from vllm.v1.worker.gpu_worker import Worker  # noqa: E402
+
+
+class DSparkCPUModelRunner(DSparkRunnerMixin, CPUModelRunner):
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self._dspark_setup()
+
+
+class DSparkCPUWorker(CPUWorker):
+    def init_device(self):
+        super().init_device()
+        self.model_runner = DSparkCPUModelRunner(self.vllm_config, torch.device("cpu"))
+
+
+class DSparkGPUWorker(Worker):
+    """CUDA worker (V1 runner). Written to the same contract; not run on CPU CI."""
+
+    def _make_model_runner(self):
+        from vllm.v1.worker.gpu_model_runner import GPUModelRunner
+
+        class DSparkGPUModelRunner(DSparkRunnerMixin, GPUModelRunner):
+            def __init__(self, *args, **kwargs):
+                super().__init__(*args, **kwargs)
+                self._dspark_setup()
+
+        return DSparkGPUModelRunner(self.vllm_config, self.device)
