@@ -125,6 +125,9 @@ def init_draft_from_target(cfg: DSparkConfig, target_model, seed: int = 0, std: 
                 p.zero_()
             else:
                 p.normal_(0.0, std)
+        if draft.confidence_head is not None:  # spread confidences so lengths vary
+            w = draft.confidence_head.proj.weight
+            w.normal_(0.0, 2.0 / w.shape[1] ** 0.5)
         draft.embed_tokens.weight.copy_(target_model.get_input_embeddings().weight)
         draft.lm_head.weight.copy_(target_model.get_output_embeddings().weight)
     return draft

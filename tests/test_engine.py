@@ -1,0 +1,131 @@
+"""DSpark inside a real vLLM engine on the CPU: exactness end to end.
+
+Greedy: token-for-token equality with plain decoding. Sampling: the sampled
+sequences follow the target's exact conditional distributions (computed with
+Hugging Face transformers), with enough samples to see a 0.05 TV difference.
+"""
+
+import random
+
+import numpy as np
+import pytest
+import torch
+
+from stats import sequence_gof_pvalue
+
+pytestmark = pytest.mark.slow
+
+COMMON = dict(max_model_len=512, enforce_eager=True, dtype="float32", disable_log_stats=False, seed=0)
+
+
+def spec_counters(llm) -> dict:
+    out = {}
+    for m in llm.get_metrics():
+        if m.name.startswith("vllm:spec_decode"):
+            out[m.name] = getattr(m, "values", None) or getattr(m, "value", None)
+    return out
+
+
+@pytest.fixture(scope="module")
+def prompts(fixture_paths):
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(fixture_paths["target"])
+    words = open(__file__).read().split()
+    rng = random.Random(0)
+    texts = [" ".join(rng.choice(words) for _ in range(rng.randint(1, 80))) for _ in range(24)]
+    return [tok(t).input_ids for t in texts]
+
+
+@pytest.fixture(scope="module")
+def baseline(fixture_paths):
+    from vllm import LLM
+
+    return LLM(model=fixture_paths["target"], **COMMON)
+
+
+@pytest.fixture(scope="module")
+def dspark(fixture_paths):
+    import dspark_vllm
+    from vllm import LLM
+
+    return LLM(model=fixture_paths["target"], **dspark_vllm.engine_kwargs(fixture_paths["dspark"]), **COMMON)
+
+
+def generate_ids(llm, prompt_ids, params):
+    outs = llm.generate([{"prompt_token_ids": p} for p in prompt_ids], params, use_tqdm=False)
+    return [tuple(o.outputs[0].token_ids) for o in outs]
+
+
+def test_greedy_equals_plain_decoding(baseline, dspark, prompts):
+    from vllm import SamplingParams
+
+    params = SamplingParams(temperature=0.0, max_tokens=64, ignore_eos=True)
+    before = spec_counters(dspark)
+    expected = generate_ids(baseline, prompts, params)
+    got = generate_ids(dspark, prompts, params)
+    assert got == expected
+    after = spec_counters(dspark)
+    assert after["vllm:spec_decode_num_draft_tokens"] > before.get("vllm:spec_decode_num_draft_tokens", 0)
+
+
+def exact_conditionals(target_path, prompt_ids, top_k=None, top_p=None, temperature=1.0):
+    """prefix -> the target's exact next-token distribution."""
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(target_path, dtype=torch.float32).eval()
+    cache = {}
+
+    def cond(prefix):
+        if prefix not in cache:
+            with torch.no_grad():
+                logits = model(torch.tensor([list(prompt_ids) + list(prefix)])).logits[0, -1].double() / temperature
+            if top_k is not None:
+                logits[logits < logits.topk(top_k).values[-1]] = -float("inf")
+            probs = logits.softmax(-1)
+            if top_p is not None:
+                sorted_p, order = probs.sort(descending=True)
+                keep = sorted_p.cumsum(0) - sorted_p < top_p  # smallest set reaching top_p
+                mask = torch.zeros_like(probs, dtype=torch.bool)
+                mask[order[keep]] = True
+                probs = torch.where(mask, probs, 0.0)
+                probs = probs / probs.sum()
+            cache[prefix] = probs.numpy()
+        return cache[prefix]
+
+    return cond
+
+
+# At temperature 1 the random drafter is rarely right (the rejection path);
+# at 2 both distributions flatten and hundreds of drafts are accepted.
+@pytest.mark.parametrize("temperature,top_k,top_p", [(1.0, None, None), (1.0, 8, 0.9), (2.0, None, None)])
+def test_sampling_matches_target_distribution(dspark, fixture_paths, prompts, temperature, top_k, top_p):
+    from vllm import SamplingParams
+
+    n, prompt = 3000, prompts[3]
+    kw = {} if top_k is None else {"top_k": top_k, "top_p": top_p}
+    params = SamplingParams(temperature=temperature, max_tokens=4, ignore_eos=True, **kw)
+    before = spec_counters(dspark)
+    samples = generate_ids(dspark, [prompt] * n, params)
+    after = spec_counters(dspark)
+    cond = exact_conditionals(fixture_paths["target"], prompt, top_k, top_p, temperature)
+    assert sequence_gof_pvalue(samples, cond) > 1e-3
+    drafted = after["vllm:spec_decode_num_draft_tokens"] - before.get("vllm:spec_decode_num_draft_tokens", 0)
+    accepted = after["vllm:spec_decode_num_accepted_tokens"] - before.get("vllm:spec_decode_num_accepted_tokens", 0)
+    assert drafted > n  # every request verified drafts
+    if temperature >= 2:
+        assert accepted > 300, (accepted, drafted)  # the acceptance path ran often
+
+
+def test_the_sampling_test_detects_a_tv_of_0_05(fixture_paths, prompts):
+    """The same test, at the same sample size, rejects a distribution 0.05 away in TV."""
+    cond = exact_conditionals(fixture_paths["target"], prompts[3])
+    rng = np.random.default_rng(0)
+    p = cond(())
+    worst = int(np.argsort(p)[len(p) // 2])  # shift mass to an unlikely token
+    eps = 0.05 / (1 - p[worst])
+    biased = (1 - eps) * p + eps * np.eye(len(p))[worst]
+    samples = [(int(t),) for t in rng.choice(len(p), size=3000, p=biased / biased.sum())]
+    assert sequence_gof_pvalue(samples, cond) < 1e-3
+    exact = [(int(t),) for t in rng.choice(len(p), size=3000, p=p / p.sum())]
+    assert sequence_gof_pvalue(exact, cond) > 1e-3

@@ -1,0 +1,146 @@
+"""End-to-end tests of the OpenAI-compatible vLLM API server with DSpark enabled."""
+
+import json
+import os
+import shlex
+import socket
+import subprocess
+import sys
+import time
+
+import pytest
+import requests
+
+from dspark_vllm.fixtures import make_fixtures
+
+pytestmark = pytest.mark.slow
+
+HOST = "127.0.0.1"
+PROMPT = "def main():"
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind((HOST, 0))
+        return s.getsockname()[1]
+
+
+def _flags(draft, *extra):
+    return subprocess.run([sys.executable, "-m", "dspark_vllm", "flags", draft, *extra],
+                          capture_output=True, text=True, timeout=120)
+
+
+@pytest.fixture(scope="module")
+def fixtures(tmp_path_factory):
+    return make_fixtures(tmp_path_factory.mktemp("server_models"))
+
+
+@pytest.fixture(scope="module")
+def server(fixtures, tmp_path_factory):
+    res = _flags(fixtures["dspark"])
+    assert res.returncode == 0, res.stderr
+    flags = shlex.split(res.stdout)
+    port = _free_port()
+    log_path = tmp_path_factory.mktemp("server_log") / "server.log"
+    cmd = [sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", fixtures["target"],
+           "--host", HOST, "--port", str(port), "--max-model-len", "512", "--dtype", "float32",
+           "--enforce-eager", *flags]
+    env = dict(os.environ, VLLM_CPU_KVCACHE_SPACE="1")
+    url = f"http://{HOST}:{port}"
+    with open(log_path, "wb") as log:
+        proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env)
+    try:
+        deadline = time.monotonic() + 240
+        while True:
+            if proc.poll() is not None:
+                pytest.fail(f"server exited with {proc.returncode}:\n{log_path.read_text()[-4000:]}")
+            try:
+                if requests.get(f"{url}/health", timeout=2).status_code == 200:
+                    break
+            except requests.RequestException:
+                pass
+            if time.monotonic() > deadline:
+                pytest.fail(f"server not healthy after 240 s:\n{log_path.read_text()[-4000:]}")
+            time.sleep(1)
+        yield {"url": url, "model": fixtures["target"]}
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+
+
+def _post(server, path, body):
+    r = requests.post(server["url"] + path, json={"model": server["model"], **body}, timeout=120)
+    assert r.status_code == 200, r.text
+    return r.json()
+
+
+def _stream(server, path, body):
+    r = requests.post(server["url"] + path, json={"model": server["model"], "stream": True, **body},
+                      stream=True, timeout=120)
+    assert r.status_code == 200, r.text
+    chunks = []
+    for line in r.iter_lines(decode_unicode=True):
+        if not line or not line.startswith("data:"):
+            continue
+        data = line[len("data:"):].strip()
+        if data == "[DONE]":
+            break
+        chunks.append(json.loads(data))
+    return chunks
+
+
+GREEDY = {"prompt": PROMPT, "max_tokens": 32, "temperature": 0, "ignore_eos": True}
+
+
+def test_flags_reject_too_many_speculative_tokens(fixtures):
+    res = _flags(fixtures["dspark"], "--num-speculative-tokens", "9")
+    assert res.returncode == 2
+    assert "block_size" in res.stderr
+
+
+def test_completion(server):
+    out = _post(server, "/v1/completions", GREEDY)
+    assert out["choices"][0]["text"]
+    assert out["usage"]["completion_tokens"] == 32
+
+
+def test_completion_stream_matches_non_streaming(server):
+    text = _post(server, "/v1/completions", GREEDY)["choices"][0]["text"]
+    chunks = _stream(server, "/v1/completions", GREEDY)
+    assert "".join(c["choices"][0]["text"] for c in chunks if c["choices"]) == text
+
+
+def test_chat_completion(server):
+    body = {"messages": [{"role": "user", "content": "hello"}], "temperature": 0, "max_tokens": 32}
+    content = _post(server, "/v1/chat/completions", body)["choices"][0]["message"]["content"]
+    chunks = _stream(server, "/v1/chat/completions", body)
+    streamed = "".join(c["choices"][0]["delta"].get("content") or "" for c in chunks if c["choices"])
+    assert content
+    assert streamed == content
+
+
+def _counter(server, name):
+    text = requests.get(server["url"] + "/metrics", timeout=30).text
+    total, found = 0.0, False
+    for line in text.splitlines():
+        if line.startswith("#"):
+            continue
+        parts = line.rsplit(None, 1)
+        if len(parts) == 2 and parts[0].split("{", 1)[0] == name:
+            total += float(parts[1])
+            found = True
+    assert found, f"{name} not in /metrics"
+    return total
+
+
+def test_metrics_count_drafts(server):
+    names = ["vllm:spec_decode_num_draft_tokens_total", "vllm:spec_decode_num_drafts_total"]
+    before = {n: _counter(server, n) for n in names}
+    _post(server, "/v1/completions", GREEDY)
+    after = {n: _counter(server, n) for n in names}
+    for n in names:
+        assert after[n] > before[n], (n, before[n], after[n])
