@@ -1,29 +1,25 @@
 """scripts/bench_acceptance.py end to end on the tiny fixtures (two real vLLM engines)."""
 import json
-import os
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 
-from dspark_vllm.fixtures import make_fixtures
-
 ROOT = Path(__file__).resolve().parents[1]
 
 
 @pytest.mark.slow
-def test_bench_acceptance(tmp_path):
-    fx = make_fixtures(tmp_path / "fx")
+def test_bench_acceptance(fixture_paths, tmp_path):
+    fx = fixture_paths
     prompts = tmp_path / "prompts.jsonl"
     prompts.write_text("".join(json.dumps({"turns": [f"Write a Python function number {i}.", "Now test it."]})
                                + "\n" for i in range(6)))
     out, png = tmp_path / "bench.json", tmp_path / "bench.png"
-    env = {**os.environ, "VLLM_CPU_KVCACHE_SPACE": os.environ.get("VLLM_CPU_KVCACHE_SPACE", "1")}
     subprocess.run([sys.executable, str(ROOT / "scripts" / "bench_acceptance.py"),
                     "--target", fx["target"], "--draft", fx["dspark"], "--prompts", str(prompts),
                     "--num-prompts", "4", "--max-tokens", "24", "--json", str(out), "--plot", str(png)],
-                   check=True, env=env, timeout=900)
+                   check=True, timeout=900)  # conftest sets VLLM_CPU_KVCACHE_SPACE
 
     r = json.loads(out.read_text())
     assert {"target", "draft", "prompts", "num_prompts", "max_tokens", "temperature",

@@ -129,3 +129,31 @@ def test_the_sampling_test_detects_a_tv_of_0_05(fixture_paths, prompts):
     assert sequence_gof_pvalue(samples, cond) < 1e-3
     exact = [(int(t),) for t in rng.choice(len(p), size=3000, p=p / p.sum())]
     assert sequence_gof_pvalue(exact, cond) > 1e-3
+
+
+@pytest.fixture(scope="module")
+def dspark_threshold_small_cache(fixture_paths):
+    """Threshold policy, and a KV cache small enough that requests get preempted."""
+    import dspark_vllm
+    from vllm import LLM
+
+    kwargs = dspark_vllm.engine_kwargs(fixture_paths["dspark"], verification="threshold", threshold=0.3)
+    return LLM(model=fixture_paths["target"], **kwargs, **COMMON, num_gpu_blocks_override=20,
+               block_size=32, per_request_spec_decode_metrics="detailed")
+
+
+def test_threshold_varies_lengths_and_stays_exact_under_preemption(
+        baseline, dspark_threshold_small_cache, prompts):
+    from vllm import SamplingParams
+
+    llm = dspark_threshold_small_cache
+    params = SamplingParams(temperature=0.0, max_tokens=64, ignore_eos=True)
+    outs = llm.generate([{"prompt_token_ids": p} for p in prompts], params, use_tqdm=False)
+    assert [tuple(o.outputs[0].token_ids) for o in outs] == generate_ids(baseline, prompts, params)
+    lengths = [o.outputs[0].spec_decode_metrics.per_step_drafted for o in outs]
+    first_steps = {steps[0] for steps in lengths if steps}
+    assert len(first_steps) > 1, lengths  # requests of one batch verified different lengths
+    # The policy cut blocks short (vLLM itself pads resumed requests to 7 placeholders).
+    assert sum(x < 7 for s in lengths for x in s) > sum(x == 7 for s in lengths for x in s)
+    preemptions = sum(m.value for m in llm.get_metrics() if m.name == "vllm:num_preemptions")
+    assert preemptions > 0

@@ -1,0 +1,125 @@
+"""DeepSpec-format checkpoints: exact names and shapes load; malformed ones fail
+at start-up with a message naming the field."""
+
+import json
+import shutil
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+from transformers import AutoConfig
+
+from dspark_vllm import DSparkConfigError, engine_kwargs
+from dspark_vllm.model.checkpoint import TargetInfo, expected_shapes, load_draft_model, validate_checkpoint
+from dspark_vllm.model.config import DSparkConfig
+
+# The 64 tensor names of a published 5-layer Qwen3 DSpark drafter.
+PER_LAYER = [
+    "self_attn.q_proj.weight", "self_attn.k_proj.weight", "self_attn.v_proj.weight",
+    "self_attn.o_proj.weight", "self_attn.q_norm.weight", "self_attn.k_norm.weight",
+    "mlp.gate_proj.weight", "mlp.up_proj.weight", "mlp.down_proj.weight",
+    "input_layernorm.weight", "post_attention_layernorm.weight",
+]
+GLOBAL = [
+    "embed_tokens.weight", "norm.weight", "fc.weight", "hidden_norm.weight", "lm_head.weight",
+    "markov_head.markov_w1.weight", "markov_head.markov_w2.weight",
+    "confidence_head.proj.weight", "confidence_head.proj.bias",
+]
+
+
+def qwen3_4b_draft_config() -> dict:
+    return {
+        "architectures": ["Qwen3DSparkModel"], "model_type": "qwen3", "vocab_size": 151936,
+        "hidden_size": 2560, "intermediate_size": 9728, "num_hidden_layers": 5,
+        "num_attention_heads": 32, "num_key_value_heads": 8, "head_dim": 128,
+        "rms_norm_eps": 1e-6, "rope_parameters": {"rope_theta": 1000000, "rope_type": "default"},
+        "block_size": 7, "target_layer_ids": [1, 9, 17, 25, 33], "mask_token_id": 151669,
+        "num_target_layers": 36, "markov_rank": 256, "markov_head_type": "vanilla",
+        "enable_confidence_head": True, "confidence_head_with_markov": True,
+    }
+
+
+def test_published_qwen3_4b_names_and_shapes():
+    shapes = expected_shapes(DSparkConfig.from_dict(qwen3_4b_draft_config()))
+    names = {f"layers.{i}.{n}" for i in range(5) for n in PER_LAYER} | set(GLOBAL)
+    assert len(names) == 64 and set(shapes) == names
+    assert shapes["fc.weight"] == (2560, 12800)
+    assert shapes["markov_head.markov_w2.weight"] == (151936, 256)
+    assert shapes["confidence_head.proj.weight"] == (1, 2816)
+
+
+@pytest.fixture
+def target_info(fixture_paths):
+    return TargetInfo.from_hf_config(AutoConfig.from_pretrained(fixture_paths["target"]))
+
+
+def test_fixture_checkpoint_loads(fixture_paths, target_info):
+    cfg = validate_checkpoint(fixture_paths["dspark"], target_info, 7)
+    model = load_draft_model(fixture_paths["dspark"])
+    state = load_file(f"{fixture_paths['dspark']}/model.safetensors")
+    assert set(model.state_dict()) == set(state)
+    assert all(torch.equal(model.state_dict()[k], v) for k, v in state.items())
+    assert cfg.block_size == 7
+
+
+def broken_copy(src, dst, edit_config=None, edit_weights=None):
+    shutil.copytree(src, dst)
+    if edit_config:
+        cfg = json.loads((dst / "config.json").read_text())
+        edit_config(cfg)
+        (dst / "config.json").write_text(json.dumps(cfg))
+    if edit_weights:
+        w = load_file(str(dst / "model.safetensors"))
+        edit_weights(w)
+        save_file(w, str(dst / "model.safetensors"))
+    return dst
+
+
+CASES = {
+    "missing_key": (None, lambda w: w.pop("markov_head.markov_w1.weight"), "markov_head.markov_w1.weight"),
+    "wrong_shape": (None, lambda w: w.update({"fc.weight": torch.zeros(4, 4)}), "fc.weight"),
+    "vocab_mismatch": (lambda c: c.update(vocab_size=1000), None, "vocab_size"),
+    "hidden_mismatch": (lambda c: c.update(hidden_size=64, head_dim=16), None, "hidden_size"),
+    "block_size_missing": (lambda c: c.pop("block_size"), None, "block_size"),
+    "bad_layer_ids": (lambda c: c.update(target_layer_ids=[0, 3]), None, "target_layer_ids"),
+    "bad_mask_token": (lambda c: c.update(mask_token_id=10**6), None, "mask_token_id"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(CASES))
+def test_malformed_checkpoint_names_the_field(fixture_paths, target_info, tmp_path, case):
+    edit_cfg, edit_w, field = CASES[case]
+    bad = broken_copy(fixture_paths["dspark"], tmp_path / case, edit_cfg, edit_w)
+    with pytest.raises(DSparkConfigError, match=field.replace(".", r"\.")):
+        validate_checkpoint(bad, target_info, None)
+
+
+def test_num_speculative_tokens_above_block_size(fixture_paths, target_info):
+    with pytest.raises(DSparkConfigError, match="block_size"):
+        validate_checkpoint(fixture_paths["dspark"], target_info, 8)
+    with pytest.raises(DSparkConfigError, match="block_size"):
+        engine_kwargs(fixture_paths["dspark"], num_speculative_tokens=8)
+
+
+def test_missing_path(tmp_path):
+    with pytest.raises(DSparkConfigError, match="draft_model"):
+        engine_kwargs(str(tmp_path / "nope"))
+
+
+def test_unknown_option(fixture_paths):
+    with pytest.raises(Exception, match="verification"):
+        engine_kwargs(fixture_paths["dspark"], verification="sometimes")
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("case", ["vocab_mismatch", "missing_key"])
+def test_engine_start_fails_with_the_field(fixture_paths, tmp_path, case):
+    """The same checks run when vLLM builds its config, before any engine starts."""
+    from vllm import LLM
+
+    edit_cfg, edit_w, field = CASES[case]
+    bad = broken_copy(fixture_paths["dspark"], tmp_path / case, edit_cfg, edit_w)
+    kwargs = engine_kwargs(fixture_paths["dspark"])
+    kwargs["additional_config"]["dspark"]["draft_model"] = str(bad)
+    with pytest.raises(Exception, match=field.replace(".", r"\.")):
+        LLM(model=fixture_paths["target"], max_model_len=256, enforce_eager=True, **kwargs)
