@@ -21,6 +21,7 @@ import functools
 from dataclasses import replace
 
 import torch
+from vllm.logger import init_logger
 
 from .config import DSparkOptions, PROPOSER_PATH, options_from_additional_config
 from .model.checkpoint import TargetInfo, load_draft_model, validate_checkpoint
@@ -29,6 +30,8 @@ from .policies import make_policy
 from .proposer import draft_block
 from .sampling import SamplingRows, process_logits
 from .verification import verify
+
+logger = init_logger(__name__)
 
 # ---------------------------------------------------------------------------
 # Config hook: fill in worker / scheduler classes, fail early on bad input.
@@ -139,6 +142,7 @@ class DSparkProposer:
         self.layer_names: list[str] = []
         self.pending: dict[str, tuple[list[int], torch.Tensor | None]] = {}
         self.last_confidences: dict[str, list[float]] = {}
+        self.shared: list[str] = []  # draft weights that alias the target's
 
     def load_model(self, target_model) -> None:
         from vllm.model_executor.layers.attention import Attention
@@ -146,6 +150,10 @@ class DSparkProposer:
         cfg = self.draft_config
         device = next(target_model.parameters()).device
         self.model = load_draft_model(self.options.draft_model, self.vllm_config.model_config.dtype, device)
+        self.share_with_target(target_model)
+        logger.info("DSpark draft %s loaded: block_size=%d, verifying up to %d tokens, "
+                    "policy=%s, shared with target: %s", self.options.draft_model, cfg.block_size,
+                    self.num_tokens, self.policy.name, self.shared or "nothing")
         cache_config = self.vllm_config.cache_config
         self.layer_names = [
             f"{self.LAYER_PREFIX}.{self.num_target_layers + i}.attn" for i in range(cfg.num_hidden_layers)
@@ -157,6 +165,24 @@ class DSparkProposer:
                       num_kv_heads=cfg.num_key_value_heads, cache_config=cache_config, prefix=name)
             for name in self.layer_names
         )
+
+    def share_with_target(self, target_model) -> None:
+        """Use the target's embedding / LM head storage where the draft's copy is identical.
+
+        DeepSpec saves frozen copies of both in every checkpoint; sharing them
+        saves their memory (2 x vocab x hidden) without changing any result.
+        """
+        pairs = [("embed_tokens", getattr(getattr(target_model, "model", None), "embed_tokens", None)),
+                 ("lm_head", getattr(target_model, "lm_head", None))]
+        for name, target_module in pairs:
+            target_weight = getattr(target_module, "weight", None)
+            mine = getattr(self.model, name).weight
+            if target_weight is None or target_weight.shape[0] < mine.shape[0]:
+                continue
+            candidate = target_weight[: mine.shape[0]]
+            if candidate.shape == mine.shape and candidate.dtype == mine.dtype and torch.equal(candidate, mine):
+                getattr(self.model, name).weight = torch.nn.Parameter(candidate, requires_grad=False)
+                self.shared.append(name)
 
     def propose(self, *args, **kwargs):
         raise RuntimeError(
