@@ -31,7 +31,7 @@ from .proposer import draft_block
 from .sampling import SamplingRows, process_logits
 from .verification import verify
 
-logger = init_logger(__name__)
+logger = init_logger("vllm.dspark")  # under vLLM's logger so its handlers apply
 
 # ---------------------------------------------------------------------------
 # Config hook: fill in worker / scheduler classes, fail early on bad input.
