@@ -76,9 +76,27 @@ def process_logits(logits: torch.Tensor, rows: SamplingRows) -> torch.Tensor:
     return logits
 
 
+def exponential_noise(rows: int, vocab: int, device, generators: dict[int, torch.Generator] | None = None):
+    """Exp(1) noise [rows, vocab]; row i comes from generators[i] when given.
+
+    Clamped away from 0 so that a zero weight divided by it is 0, never NaN.
+    """
+    noise = torch.empty(rows, vocab, device=device).exponential_()
+    for i, g in (generators or {}).items():
+        noise[i] = torch.empty(vocab, device=device).exponential_(generator=g)
+    return noise.clamp(min=torch.finfo(noise.dtype).tiny)
+
+
+def race_sample(weights: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
+    """Sample an index per row with probability w_i / sum_j w_j: argmax_i w_i / E_i.
+
+    E_i ~ Exp(1) iid, so E_i / w_i ~ Exp(rate w_i); the smallest of independent
+    exponentials is index i with probability w_i / sum_j w_j (the exponential race),
+    so the weights need no normalisation and a zero weight is never picked.
+    """
+    return (weights / noise).argmax(-1)
+
+
 def sample(probs: torch.Tensor, generators: dict[int, torch.Generator] | None = None) -> torch.Tensor:
     """One token per row from probs [N, V]; row i uses generators[i] if given."""
-    noise = torch.empty_like(probs).exponential_()
-    for i, g in (generators or {}).items():
-        noise[i] = torch.empty_like(probs[i]).exponential_(generator=g)
-    return (probs / noise).argmax(-1)
+    return race_sample(probs, exponential_noise(probs.shape[0], probs.shape[1], probs.device, generators))

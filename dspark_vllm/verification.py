@@ -15,6 +15,8 @@ from __future__ import annotations
 
 import torch
 
+from .sampling import exponential_noise, race_sample  # noqa: F401  (race_sample is part of this API)
+
 PLACEHOLDER = -1
 RESIDUAL_EPS = 1e-12
 
@@ -47,16 +49,6 @@ def residual(p: torch.Tensor, q: torch.Tensor) -> torch.Tensor:
     return torch.where(z > RESIDUAL_EPS, w / z.clamp(min=RESIDUAL_EPS), p)
 
 
-def race_sample(weights: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
-    """Sample an index per row with probability w_i / sum_j w_j: argmax_i w_i / E_i.
-
-    E_i ~ Exp(1) iid, so E_i / w_i ~ Exp(rate w_i); the smallest of independent
-    exponentials is index i with probability w_i / sum_j w_j (the exponential race),
-    so the weights need no normalisation and a zero weight is never picked.
-    """
-    return (weights / noise).argmax(-1)
-
-
 def num_accepted(output: torch.Tensor) -> torch.Tensor:
     """Accepted draft tokens per row of verify()'s output: non-placeholders - 1."""
     return (output != PLACEHOLDER).sum(-1) - 1
@@ -85,12 +77,10 @@ def _draws(num_draft, vocab, device, generators):
     from its own generator, so its output does not depend on the rest of the batch.
     """
     u = torch.rand(sum(num_draft), device=device)
-    noise = torch.empty(len(num_draft), vocab, device=device).exponential_()
     for r, g in (generators or {}).items():
         start = sum(num_draft[:r])
         u[start:start + num_draft[r]] = torch.rand(num_draft[r], generator=g, device=device)
-        noise[r] = torch.empty(vocab, device=device).exponential_(generator=g)
-    return u, noise.clamp(min=torch.finfo(noise.dtype).tiny)
+    return u, exponential_noise(len(num_draft), vocab, device, generators)
 
 
 def _draft_q_at(draft_probs, x):
