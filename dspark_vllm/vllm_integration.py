@@ -25,7 +25,7 @@ from vllm.logger import init_logger
 
 from .config import DSparkOptions, PROPOSER_PATH, options_from_additional_config
 from .model.checkpoint import TargetInfo, load_draft_model, validate_checkpoint
-from .model.config import DSparkConfigError
+from .model.config import DSparkConfig, DSparkConfigError
 from .policies import make_policy
 from .proposer import draft_block
 from .sampling import SamplingRows, process_logits
@@ -105,8 +105,6 @@ class DSparkScheduler(Scheduler):
 
     def __init__(self, vllm_config, *args, **kwargs):
         options = options_from_additional_config(vllm_config.additional_config)
-        from .model.config import DSparkConfig
-
         self._dspark_lookahead = DSparkConfig.from_pretrained(options.draft_model).block_size
         super().__init__(vllm_config, *args, **kwargs)
 
@@ -322,7 +320,7 @@ class DSparkRunnerMixin:
 
         B = anchor_pos.shape[0]
         pos = anchor_pos[:, None] + torch.arange(gamma, device=anchor_pos.device)
-        blocks = block_table.gather(1, (pos // block_size).to(block_table.dtype).long())
+        blocks = block_table.gather(1, (pos // block_size).long())
         slots = (blocks.long() * block_size + pos % block_size).flatten()
         qsl = torch.arange(0, (B + 1) * gamma, gamma, dtype=torch.int32, device=anchor_pos.device)
         seq_lens = (anchor_pos + gamma).to(torch.int32)
@@ -363,14 +361,13 @@ class DSparkRejectionSampler(RejectionSampler):
     def __init__(self, sampler, spec_config, device, proposer: DSparkProposer):
         super().__init__(sampler, spec_config, device)
         self.proposer = proposer
-        self.req_ids_fn = lambda: proposer.runner.input_batch.req_ids
 
     def draft_probs_for(self, metadata, vocab: int, device) -> torch.Tensor:
         """[num_draft_total, V] q rows; zero rows mean a deterministic draft."""
         probs = torch.zeros(len(metadata.draft_token_ids), vocab, device=device)
         drafted = metadata.draft_token_ids.tolist()
         start = 0
-        for req_id, num in zip(self.req_ids_fn(), metadata.num_draft_tokens):
+        for req_id, num in zip(self.proposer.runner.input_batch.req_ids, metadata.num_draft_tokens):
             pending = self.proposer.pending.get(req_id)
             if num and pending is not None:
                 tokens, q = pending
@@ -438,13 +435,28 @@ class DSparkCPUModelRunner(DSparkRunnerMixin, CPUModelRunner):
         self._dspark_setup()
 
 
-class DSparkCPUWorker(CPUWorker):
+class DSparkWorkerRPC:
+    """Worker methods reachable with `llm.collective_rpc("dspark_info")`."""
+
+    def dspark_info(self) -> dict:
+        drafter = self.model_runner.drafter
+        return {"runner": type(self.model_runner).__name__, "draft_model": drafter.options.draft_model,
+                "policy": drafter.policy.name, "shared_with_target": list(drafter.shared)}
+
+
+class DSparkCPUWorker(DSparkWorkerRPC, CPUWorker):
     def init_device(self):
-        super().init_device()
-        self.model_runner = DSparkCPUModelRunner(self.vllm_config, torch.device("cpu"))
+        # CPUWorker.init_device builds `CPUModelRunner` from its module's
+        # namespace; pointing that name at ours builds the runner once.
+        from unittest import mock
+
+        from vllm.v1.worker import cpu_worker
+
+        with mock.patch.object(cpu_worker, "CPUModelRunner", DSparkCPUModelRunner):
+            super().init_device()
 
 
-class DSparkGPUWorker(Worker):
+class DSparkGPUWorker(DSparkWorkerRPC, Worker):
     """CUDA worker (V1 runner). Written to the same contract; not run on CPU CI."""
 
     def _make_model_runner(self):

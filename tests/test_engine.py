@@ -6,6 +6,7 @@ Hugging Face transformers), with enough samples to see a 0.05 TV difference.
 """
 
 import random
+import textwrap
 
 import numpy as np
 import pytest
@@ -31,10 +32,10 @@ def prompts(fixture_paths):
     from transformers import AutoTokenizer
 
     tok = AutoTokenizer.from_pretrained(fixture_paths["target"])
-    words = open(__file__).read().split()
+    words = open(textwrap.__file__).read().split()  # a fixed text, unlike this file
     rng = random.Random(0)
     texts = [" ".join(rng.choice(words) for _ in range(rng.randint(1, 80))) for _ in range(24)]
-    return [tok(t).input_ids for t in texts]
+    return [tok(t).input_ids[:300] for t in texts]  # room for 64 new tokens in max_model_len
 
 
 @pytest.fixture(scope="module")
@@ -67,6 +68,13 @@ def test_greedy_equals_plain_decoding(baseline, dspark, prompts):
     assert got == expected
     after = spec_counters(dspark)
     assert after["vllm:spec_decode_num_draft_tokens"] > before.get("vllm:spec_decode_num_draft_tokens", 0)
+
+
+def test_worker_runs_the_dspark_runner_and_shares_target_weights(dspark):
+    """The fixture draft's embedding / LM head equal the target's: no second copy."""
+    [info] = dspark.collective_rpc("dspark_info")
+    assert info["runner"] == "DSparkCPUModelRunner"
+    assert info["shared_with_target"] == ["embed_tokens", "lm_head"]
 
 
 def exact_conditionals(target_path, prompt_ids, top_k=None, top_p=None, temperature=1.0):
