@@ -1,0 +1,1 @@
+"""Training and calibration tools for DSpark drafters (plain PyTorch + HF targets)."""
