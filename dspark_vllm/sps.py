@@ -1,0 +1,267 @@
+"""Engine cost profile: measured target steps per second SPS(B) at batch size B.
+
+The hardware-aware scheduler (paper section 3.2.2) maximises expected tokens
+per second, Theta = E[tokens] * SPS(B), where B is the number of tokens in the
+verification forward pass. SPS(B) is measured once per engine configuration
+(the lead's profiler runs the engine at `measure_sizes(...)` batch sizes) and
+cached on disk as JSON:
+
+    {
+      "version": 1,
+      "model": "Qwen/Qwen3-4B",
+      "hardware": "NVIDIA H200",
+      "settings_key": "3f2a9c0d1b7e4a65",          # cache_key(model, hardware, settings)
+      "settings": {"dtype": "bfloat16", ...},       # what the key hashes (informational)
+      "created": "2026-01-01T12:00:00+00:00",
+      "table": [{"tokens": 1, "sps": 61.2}, {"tokens": 2, "sps": 61.0}, ...]
+    }
+
+`table` is sorted by `tokens` (strictly increasing, each >= 1) and every `sps`
+is > 0. Lookups keep the step shape of the real curve (see `SPSProfile.sps`).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import re
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any, Literal
+
+import torch
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from .model.config import DSparkConfigError
+
+PROFILE_VERSION = 1
+
+
+class SPSPoint(BaseModel):
+    """One measurement: a forward pass over `tokens` tokens runs `sps` times per second."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    tokens: int = Field(strict=True, ge=1)
+    sps: float = Field(strict=True, gt=0, allow_inf_nan=False)
+
+
+class SPSProfile(BaseModel):
+    """A measured SPS(B) table plus what it was measured on."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    version: Literal[1] = PROFILE_VERSION
+    model: str
+    hardware: str
+    settings_key: str
+    settings: dict[str, Any] = Field(default_factory=dict)
+    created: str
+    table: list[SPSPoint] = Field(min_length=1)
+
+    @model_validator(mode="after")
+    def _sorted(self):
+        for i in range(1, len(self.table)):
+            prev, cur = self.table[i - 1].tokens, self.table[i].tokens
+            if cur <= prev:
+                raise ValueError(
+                    f"table[{i}].tokens = {cur} is not greater than table[{i - 1}].tokens = {prev}: "
+                    f"the table must be sorted by tokens with no duplicates"
+                )
+        return self
+
+
+    @property
+    def max_tokens(self) -> int:
+        return self.table[-1].tokens
+
+    def sps_many(self, tokens: torch.Tensor) -> torch.Tensor:
+        """SPS at each batch size in `tokens` (int tensor) as float64, on the CPU.
+
+        Between measured sizes: the value of the next measured size >= B. A
+        batch of B tokens is padded to a bucket (a CUDA graph size, a kernel
+        tile) and costs what that bucket costs, so the curve is a staircase
+        and we never interpolate across a cliff. Below the first measured size:
+        the first value.
+
+        Beyond the last measured size: linear in time per step, 1/SPS, with the
+        slope of the last measured segment (never negative: a noisy last segment
+        is treated as flat). With a single measurement, time grows in proportion
+        to B (the compute-bound assumption).
+        """
+        b = tokens.to(device="cpu", dtype=torch.long)
+        sizes = torch.tensor([p.tokens for p in self.table])
+        sps = torch.tensor([p.sps for p in self.table], dtype=torch.float64)
+        inside = sps[torch.searchsorted(sizes, b).clamp(max=len(sizes) - 1)]
+        t_last, b_last = 1.0 / sps[-1], sizes[-1].double()
+        if len(sizes) > 1:
+            slope = ((t_last - 1.0 / sps[-2]) / (b_last - sizes[-2])).clamp(min=0)
+        else:
+            slope = t_last / b_last
+        beyond = 1.0 / (t_last + slope * (b.double() - b_last))
+        return torch.where(b > b_last, beyond, inside)
+
+    def sps(self, tokens: int) -> float:
+        """SPS(B) for one batch size; see `sps_many`."""
+        return float(self.sps_many(torch.tensor([tokens]))[0])
+
+    def summary(self) -> str:
+        first, last = self.table[0], self.table[-1]
+        return (
+            f"SPS profile of {self.model} on {self.hardware}: {len(self.table)} sizes, "
+            f"{first.sps:.1f} steps/s at B={first.tokens} -> {last.sps:.1f} at B={last.tokens} "
+            f"(settings {self.settings_key}, {self.created})"
+        )
+
+    def save(self, path: str | Path) -> Path:
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(self.model_dump_json(indent=2) + "\n")
+        return path
+
+
+# ---------------------------------------------------------------- building, loading
+
+def _field(loc) -> str:
+    """('table', 3, 'sps') -> 'table[3].sps'."""
+    out = ""
+    for part in loc:
+        out += f"[{part}]" if isinstance(part, int) else (f".{part}" if out else str(part))
+    return out
+
+
+_MESSAGES = {  # pydantic error type -> what to say after the field name
+    "missing": "is missing",
+    "too_short": "must have at least {min_length} entries",
+    "greater_than": "must be > {gt:g}",
+    "greater_than_equal": "must be >= {ge:g}",
+    "int_type": "must be an integer",
+    "int_from_float": "must be an integer",
+    "float_type": "must be a number",
+    "finite_number": "must be a finite number",
+    "string_type": "must be a string",
+    "dict_type": "must be a JSON object",
+    "model_type": "must be a JSON object",
+    "list_type": "must be a list of {{\"tokens\": B, \"sps\": steps_per_second}}",
+    "literal_error": "must be {expected}",
+    "extra_forbidden": "is not a known field (known: " + ", ".join(SPSProfile.model_fields) + ")",
+}
+
+
+def _explain(err: dict) -> str:
+    field, kind = _field(err["loc"]), err["type"]
+    if kind == "value_error":  # our own check; it names its fields
+        return str(err["ctx"]["error"])
+    if kind == "model_type" and not err["loc"]:
+        return "the file must hold one JSON object"
+    what = _MESSAGES.get(kind, err["msg"]).format(**err.get("ctx", {}))
+    got = "" if kind == "missing" else f" (got {err.get('input')!r})"
+    return f"{field} {what}{got}"
+
+
+def _validated(data: Any, source: str, json_text: bool = False) -> SPSProfile:
+    try:
+        if json_text:
+            return SPSProfile.model_validate_json(data)
+        return SPSProfile.model_validate(data)
+    except ValidationError as e:
+        raise DSparkConfigError(f"{source}: {_explain(e.errors()[0])}; re-profile or fix the file.") from None
+
+
+def make_profile(points, model: str, hardware: str, settings: dict) -> SPSProfile:
+    """A profile from measurements: `points` is {tokens: sps} or [(tokens, sps), ...]."""
+    pairs = sorted(dict(points).items())
+    return _validated(
+        {
+            "model": model,
+            "hardware": hardware,
+            "settings_key": cache_key(model, hardware, settings),
+            "settings": settings,
+            "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+            "table": [{"tokens": int(b), "sps": float(s)} for b, s in pairs],
+        },
+        "measured SPS profile",
+    )
+
+
+def load_profile(path: str | Path, settings_key: str | None = None) -> SPSProfile:
+    """Read and check a profile file; `settings_key`, if given, must match the file's."""
+    path = Path(path)
+    source = f"profile file {path}"
+    if not path.is_file():
+        raise DSparkConfigError(f"{source} does not exist; re-profile the engine or fix the path.")
+    text = path.read_text()
+    try:
+        json.loads(text)
+    except json.JSONDecodeError as e:
+        raise DSparkConfigError(
+            f"{source}: not valid JSON (line {e.lineno}, column {e.colno}: {e.msg}); re-profile or fix the file."
+        ) from None
+    profile = _validated(text, source, json_text=True)
+    if settings_key is not None and profile.settings_key != settings_key:
+        raise DSparkConfigError(
+            f"{source}: settings_key is {profile.settings_key!r} but this engine's settings hash to "
+            f"{settings_key!r} (it was measured under other settings); delete it to re-profile."
+        )
+    return profile
+
+
+# ---------------------------------------------------------------- caching
+
+def cache_key(model: str, hardware: str, settings: dict) -> str:
+    """16 hex digits of sha256 over the canonical JSON of (model, hardware, settings).
+
+    `settings` should hold every engine setting that changes step time: tensor
+    parallel size, dtype, KV-cache dtype, max_num_batched_tokens, CUDA graph
+    capture sizes / enforce_eager, attention backend, vLLM version, block size.
+    """
+    blob = json.dumps({"model": model, "hardware": hardware, "settings": settings},
+                      sort_keys=True, separators=(",", ":"), default=str)
+    return hashlib.sha256(blob.encode()).hexdigest()[:16]
+
+
+def cache_path(cache_dir: str | Path, model: str, hardware: str, settings: dict) -> Path:
+    """`cache_dir/sps-<model>-<key>.json`, the model name made file-safe."""
+    slug = re.sub(r"[^A-Za-z0-9._-]+", "_", model.strip("/")).strip("_")[-60:] or "model"
+    return Path(cache_dir) / f"sps-{slug}-{cache_key(model, hardware, settings)}.json"
+
+
+# ---------------------------------------------------------------- measuring
+
+def measure_sizes(max_num_batched_tokens: int, dense_upto: int = 32, growth: float = 1.25,
+                  include=()) -> list[int]:
+    """Batch sizes to measure: every B in 1..dense_upto, then geometric steps of
+    `growth`, plus `include` (pass the CUDA graph capture sizes so that the
+    staircase steps are measured where they really are), always ending at the max.
+    """
+    if max_num_batched_tokens < 1:
+        raise DSparkConfigError(
+            f"max_num_batched_tokens={max_num_batched_tokens}: need >= 1 to measure an SPS profile."
+        )
+    if growth <= 1.0:
+        raise DSparkConfigError(f"growth={growth}: the geometric step must be > 1.")
+    sizes = set(range(1, min(dense_upto, max_num_batched_tokens) + 1))
+    b = float(max(dense_upto, 1))
+    while b < max_num_batched_tokens:
+        sizes.add(int(round(b)))
+        b *= growth
+    sizes.update(int(s) for s in include if 1 <= int(s) <= max_num_batched_tokens)
+    sizes.add(max_num_batched_tokens)
+    return sorted(sizes)
+
+
+def synthetic_profile(kind: str = "steep", max_tokens: int = 512) -> SPSProfile:
+    """A profile for tests. 'flat': 100 steps/s at every size (memory-bound,
+    verifying more is free). 'steep': 10 ms + 1 ms per token (compute-bound
+    from the start), measured at `measure_sizes(max_tokens)`."""
+    if kind not in ("flat", "steep"):
+        raise DSparkConfigError(f"kind={kind!r}: synthetic profiles are 'flat' or 'steep'.")
+    step_ms = (lambda b: 10.0) if kind == "flat" else (lambda b: 10.0 + b)
+    points = {b: 1000.0 / step_ms(b) for b in measure_sizes(max_tokens)}
+    return make_profile(points, model=f"synthetic-{kind}", hardware="none", settings={"kind": kind})
+
+
+__all__ = [
+    "SPSPoint", "SPSProfile", "make_profile", "load_profile", "cache_key", "cache_path",
+    "measure_sizes", "synthetic_profile", "PROFILE_VERSION",
+]
