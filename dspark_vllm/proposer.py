@@ -23,6 +23,7 @@ class Drafts:
     tokens: torch.Tensor  # [B, K] int64
     probs: torch.Tensor | None  # [B, K, V] q of each slot; zero rows for greedy requests
     confidences: torch.Tensor | None  # [B, K] c_k = P(slot k survives | slots < k survived)
+    confidence_logits: torch.Tensor | None = None  # [B, K] the head's logits z_k, c_k = sigmoid(z_k)
 
 
 @torch.inference_mode()
@@ -66,4 +67,4 @@ def draft_block(
     prev_tokens = torch.cat([anchors[:, None], tokens[:, :-1]], dim=1)
     conf_logits = model.confidence_logits(hidden[:, :num_tokens], prev_tokens)
     confidences = None if conf_logits is None else torch.sigmoid(conf_logits)
-    return Drafts(tokens, probs, confidences)
+    return Drafts(tokens, probs, confidences, conf_logits)

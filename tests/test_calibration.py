@@ -1,0 +1,216 @@
+"""Sequential Temperature Scaling, its metrics, the calibration file and scripts/calibrate.py."""
+
+import importlib.util
+import json
+import math
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from dspark_vllm.calibration import (CalibrationFile, apply_temperatures, auc, calibration_from_fit,
+                                     cumulative_survival, ece, fit_sts, load_calibration,
+                                     reliability_bins, save_calibration, sigmoid)
+from dspark_vllm.model.config import DSparkConfigError
+
+ROOT = Path(__file__).resolve().parents[1]
+SCRIPT = ROOT / "scripts" / "calibrate.py"
+
+
+def load_script():
+    spec = importlib.util.spec_from_file_location("calibrate_script", SCRIPT)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+# -- metrics -------------------------------------------------------------------
+def test_ece_is_zero_for_calibrated_and_the_gap_for_a_constant():
+    rng = np.random.default_rng(0)
+    p = rng.random(200_000)
+    assert ece(p, rng.random(p.size) < p) < 0.01
+    y = np.r_[np.ones(500), np.zeros(500)]
+    assert ece(np.full(1000, 0.8), y) == pytest.approx(0.3)
+    assert ece(y, y) == 0.0
+
+
+def test_auc_known_cases_and_ties():
+    assert auc([0.1, 0.2, 0.8, 0.9], [0, 0, 1, 1]) == 1.0
+    assert auc([0.9, 0.8, 0.2, 0.1], [0, 0, 1, 1]) == 0.0
+    assert auc([0.1, 0.4, 0.35, 0.8], [0, 0, 1, 1]) == pytest.approx(0.75)
+    assert auc([0.5, 0.5, 0.2, 0.9], [1, 0, 0, 1]) == pytest.approx(3.5 / 4)  # one tie = 1/2
+    assert auc(np.full(10, 0.3), np.arange(10) % 2) == pytest.approx(0.5)
+    assert math.isnan(auc([0.1, 0.2], [1, 1]))
+
+
+def test_auc_matches_pairwise_definition_and_soft_labels_count_as_weights():
+    rng = np.random.default_rng(1)
+    p = rng.integers(0, 8, 300) / 8.0  # many ties
+    y = (rng.random(300) < p).astype(float)
+    pos, neg = p[y == 1], p[y == 0]
+    pairwise = ((pos[:, None] > neg[None]) + 0.5 * (pos[:, None] == neg[None])).mean()
+    assert auc(p, y) == pytest.approx(pairwise)
+    # Soft outcome y: weight y positive, 1 - y negative, never paired with itself.
+    # The half-positive at 0.6 beats the negative at 0.2 and loses to the positive at 0.9.
+    assert auc([0.2, 0.6, 0.9], [0.0, 0.5, 1.0]) == pytest.approx(1.0)
+    assert auc([0.2, 0.6, 0.9], [1.0, 0.5, 0.0]) == pytest.approx(0.0)
+
+
+def test_reliability_bins():
+    b = reliability_bins([0.05, 0.07, 0.95, 1.0], [0, 1, 1, 1], bins=10)
+    assert b.count.tolist() == [2, 0, 0, 0, 0, 0, 0, 0, 0, 2]
+    assert b.mean_pred[0] == pytest.approx(0.06) and b.mean_outcome[0] == pytest.approx(0.5)
+    assert math.isnan(b.mean_pred[1])
+
+
+# -- STS -------------------------------------------------------------------------
+def synthetic_rounds(n=20_000, seed=0):
+    """True conditional survival p_k; the head reports logit(p_k) * T_k (miscalibrated)."""
+    rng = np.random.default_rng(seed)
+    true_t = np.array([0.5, 0.7, 1.5, 0.6, 2.0, 0.8, 1.2])
+    logit_p = np.linspace(2.5, 1.0, 7) + rng.normal(0, 1.5, (n, 7))
+    accepted = rng.random((n, 7)) < sigmoid(logit_p)
+    return logit_p * true_t, np.cumprod(accepted, axis=1).astype(float), true_t
+
+
+def test_sts_recovers_known_miscalibration():
+    z, survival, true_t = synthetic_rounds()
+    r = fit_sts(z, survival)
+    assert max(r.ece_after) < 0.02
+    assert all(a < 0.5 * b for a, b in zip(r.ece_after, r.ece_before))
+    np.testing.assert_allclose(r.temperatures, true_t, rtol=0.2)
+    # Position 1 is a monotone map of z_1: AUC identical. Later positions
+    # rescale several logits differently, so the product's ranking may move a little.
+    assert r.auc_after[0] == pytest.approx(r.auc_before[0], abs=1e-12)
+    np.testing.assert_allclose(r.auc_after, r.auc_before, atol=0.01)
+    # Per slot (given the prefix survived), temperature scaling never changes the ranking.
+    for k in range(1, 7):
+        rows = survival[:, k - 1] == 1
+        c = sigmoid(z[rows, k] / r.temperatures[k])
+        assert auc(c, survival[rows, k]) == pytest.approx(auc(z[rows, k], survival[rows, k]), abs=1e-12)
+    assert r.num_samples == [len(z)] * 7
+
+
+def test_sts_ignores_unobserved_entries_and_leaves_calibrated_logits_alone():
+    z, survival, true_t = synthetic_rounds(n=20_000, seed=3)
+    z = z / true_t  # already calibrated
+    observed = np.ones_like(survival, dtype=bool)
+    observed[:5000, 4:] = False
+    survival[:5000, 4:] = 1.0  # garbage where unobserved
+    r = fit_sts(z, survival, observed)
+    np.testing.assert_allclose(r.temperatures, 1.0, rtol=0.25)
+    assert r.num_samples[4:] == [15_000] * 3 and max(r.ece_after) < 0.02
+    assert fit_sts(z, survival).ece_before[4] > 0.1  # the garbage would have counted
+
+
+def test_apply_temperatures_matches_sigmoid_and_takes_fewer_slots():
+    z = torch.randn(3, 4)
+    temps = [0.5, 2.0, 1.0, 4.0, 3.0]
+    out = apply_temperatures(z, temps)
+    torch.testing.assert_close(out, torch.sigmoid(z / torch.tensor(temps[:4])))
+    np.testing.assert_allclose(out.cumprod(-1).numpy(), cumulative_survival(z.numpy(), temps), rtol=1e-5)
+    with pytest.raises(DSparkConfigError, match="temperatures"):
+        apply_temperatures(torch.zeros(2, 6), temps)
+
+
+# -- the calibration file ------------------------------------------------------
+def write(tmp_path, payload):
+    path = tmp_path / "calibration.json"
+    path.write_text(payload if isinstance(payload, str) else json.dumps(payload))
+    return path
+
+
+def test_calibration_file_roundtrip(tmp_path):
+    z, survival, _ = synthetic_rounds(n=2000)
+    cal = calibration_from_fit(fit_sts(z, survival), num_rounds=2000, draft_model="d",
+                               target_model="t", temperature_sampling=0.0)
+    save_calibration(cal, tmp_path / "c.json")
+    loaded = load_calibration(tmp_path / "c.json", block_size=7)
+    assert loaded == cal and loaded.block_size == 7 and len(loaded.temperatures) == 7
+    minimal = load_calibration(write(tmp_path, {"block_size": 2, "temperatures": [1, 0.5]}))
+    assert minimal.version == 1 and minimal.ece_after is None
+
+
+@pytest.mark.parametrize("payload, block_size, match", [
+    ("{not json", None, "not valid JSON"),
+    ("[1, 2]", None, "JSON object"),
+    ({"block_size": 2}, None, "'temperatures'"),
+    ({"block_size": 2, "temperatures": [1.0, -0.5]}, None, "'temperatures' must be finite and > 0"),
+    ({"block_size": 2, "temperatures": [1.0, "NaN"]}, None, "'temperatures' must be finite"),
+    ({"block_size": 2, "temperatures": [1.0, "x"]}, None, "'temperatures.1'"),
+    ({"block_size": 3, "temperatures": [1.0, 1.0]}, None, "'temperatures' has 2 entries but 'block_size' is 3"),
+    ({"version": 2, "block_size": 1, "temperatures": [1.0]}, None, "'version'"),
+    ({"block_size": 5, "temperatures": [1.0] * 5}, 7,
+     "is for block_size 5 but the draft checkpoint has block_size 7; recalibrate with scripts/calibrate.py"),
+])
+def test_load_calibration_errors_name_the_field(tmp_path, payload, block_size, match):
+    with pytest.raises(DSparkConfigError, match=match.replace("(", r"\(")):
+        load_calibration(write(tmp_path, payload), block_size=block_size)
+
+
+def test_load_calibration_missing_file(tmp_path):
+    with pytest.raises(DSparkConfigError, match="cannot read"):
+        load_calibration(tmp_path / "nope.json")
+
+
+def test_calibration_file_model_is_the_documented_format():
+    fields = set(CalibrationFile.model_fields)
+    assert {"version", "block_size", "temperatures", "ece_before", "ece_after", "auc_before",
+            "auc_after", "num_rounds", "draft_model", "target_model", "temperature_sampling"} <= fields
+
+
+# -- scripts/calibrate.py --------------------------------------------------------
+def test_greedy_survival_is_the_prefix_match_and_masks_past_the_end():
+    script = load_script()
+    text = torch.tensor([10, 11, 12, 13, 14, 15])
+    drafts = torch.tensor([[12, 13, 99], [14, 15, 16], [99, 15, 16]])
+    anchors = torch.tensor([1, 3, 3])  # slot k predicts position anchor + 1 + k
+    survival, observed = script.greedy_survival(drafts, text, anchors)
+    assert survival.tolist() == [[1, 1, 0], [1, 1, 0], [0, 0, 0]]
+    # Row 1 ran past the text at slot 3; row 2 failed at slot 1, so all is known.
+    assert observed.tolist() == [[True, True, True], [True, True, False], [True, True, True]]
+
+
+def test_sampled_survival_reads_the_target_on_the_drafted_prefix(fixture_paths):
+    """Drafting the text itself: p must equal the text forward's distribution."""
+    from transformers import AutoModelForCausalLM
+
+    from dspark_vllm.training.target import target_features, target_logits
+
+    script = load_script()
+    target = AutoModelForCausalLM.from_pretrained(fixture_paths["target"]).eval()
+    text = torch.randint(0, 500, (20,), generator=torch.Generator().manual_seed(0))
+    K, T = 4, 0.7
+    anchors = torch.tensor([3, 8, 15])
+    drafts = torch.stack([text[a + 1: a + 1 + K] for a in anchors.tolist()])
+    _, last_hidden = target_features(target, text[None], [0])
+    p_text = (target_logits(target, last_hidden[0]) / T).softmax(-1)
+    at = anchors[:, None] + torch.arange(K)
+    q = torch.full((3, K, p_text.shape[-1]), 1.0 / p_text.shape[-1])
+    survival, observed = script.sampled_survival(target, drafts, q, text, anchors, T)
+    p_d = p_text[at, drafts]
+    expected = (p_d / q[..., 0]).clamp(max=1).cumprod(1)
+    torch.testing.assert_close(survival, expected, rtol=1e-4, atol=1e-6)
+    assert observed.all()
+
+
+def test_calibrate_script_end_to_end(fixture_paths, tmp_path):
+    prompts = tmp_path / "prompts.jsonl"
+    prompts.write_text("".join(json.dumps({"turns": [t]}) + "\n" for t in
+                               ["def fib(n):\n", "import os\n\nclass ", "for i in range("]))
+    out, plot = tmp_path / "calibration.json", tmp_path / "reliability.png"
+    proc = subprocess.run(
+        [sys.executable, str(SCRIPT), "--target", fixture_paths["target"], "--draft",
+         fixture_paths["dspark"], "--prompts", str(prompts), "--raw", "--max-tokens", "12",
+         "--out", str(out), "--plot", str(plot), "--device", "cpu"],
+        capture_output=True, text=True, timeout=300, cwd=ROOT,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "ECE" in proc.stdout and "AUC" in proc.stdout
+    cal = load_calibration(out, block_size=7)
+    assert cal.num_rounds > 0 and cal.temperature_sampling == 0.0
+    assert cal.draft_model == fixture_paths["dspark"]
+    assert plot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
