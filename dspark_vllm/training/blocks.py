@@ -1,0 +1,130 @@
+"""The training forward: many draft blocks of one sequence in one dense attention.
+
+For a sequence (prompt + target answer) we pick *anchors*: positions a with
+loss_mask[a] and loss_mask[a+1]. Each anchor opens a *block* [x_a, mask, ...,
+mask] at positions a, a+1, ..., a+block_size-1 whose slot k predicts x_{a+k+1}.
+A block sees the fused target features of the context strictly before its
+anchor and itself (bidirectionally), never another block. This is exactly
+what one drafting round does at inference (`proposer.draft_block`), for all
+anchors at once; the *Markov head* is teacher-forced with the ground-truth
+previous tokens and applied slot by slot as in `draft_block`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+from ..model.dspark import AttendFn, DSparkDraftModel
+
+
+def anchor_candidates(loss_mask: torch.Tensor) -> torch.Tensor:
+    """Positions a with loss_mask[a] and loss_mask[a+1]: anchor and first label are answer tokens."""
+    return torch.nonzero(loss_mask[:-1] & loss_mask[1:]).flatten()
+
+
+def sample_anchors(loss_mask: torch.Tensor, num_anchors: int, generator: torch.Generator) -> torch.Tensor:
+    """Up to num_anchors candidates, uniformly without replacement, in ascending order."""
+    cand = anchor_candidates(loss_mask.cpu())
+    pick = torch.randperm(len(cand), generator=generator)[:num_anchors]
+    return cand[pick].sort().values
+
+
+@dataclass
+class BlockLabels:
+    """Supervision of N blocks of size K."""
+
+    labels: torch.Tensor  # [N, K] token at anchor+k+1 (clamped at the sequence end)
+    label_positions: torch.Tensor  # [N, K] anchor+k+1, clamped
+    mask: torch.Tensor  # [N, K] float: label inside the answer, cumprod'ed along the block
+
+
+def block_labels(input_ids: torch.Tensor, loss_mask: torch.Tensor, anchors: torch.Tensor,
+                 block_size: int) -> BlockLabels:
+    S = input_ids.shape[0]
+    pos = anchors[:, None] + torch.arange(1, block_size + 1, device=anchors.device)
+    inside = pos < S
+    pos = pos.clamp(max=S - 1)
+    valid = inside & loss_mask[pos]
+    mask = valid.float().cumprod(dim=1)  # supervision stops at the end of the answer
+    return BlockLabels(input_ids[pos], pos, mask)
+
+
+def block_attention_mask(seq_len: int, anchors: torch.Tensor, block_size: int) -> torch.Tensor:
+    """[N*K, S + N*K] bool: context strictly before the anchor, plus the query's own block."""
+    N = anchors.shape[0]
+    block_of_query = torch.arange(N * block_size, device=anchors.device) // block_size
+    context = torch.arange(seq_len, device=anchors.device)[None, :] < anchors[block_of_query][:, None]
+    same_block = block_of_query[:, None] == block_of_query[None, :]
+    return torch.cat([context, same_block], dim=1)
+
+
+def dense_training_attention(ctx_kv, mask: torch.Tensor) -> AttendFn:
+    """attend() over [context K/V ; block K/V] with an explicit mask (plain SDPA, fp32)."""
+
+    def attend(i, q, k, v):
+        ctx_k, ctx_v = ctx_kv[i]
+        H, hd = q.shape[1], q.shape[2]
+        keys = torch.cat([ctx_k, k], dim=0).transpose(0, 1)  # [Hkv, S+T, hd]
+        vals = torch.cat([ctx_v, v], dim=0).transpose(0, 1)
+        rep = H // keys.shape[0]
+        out = F.scaled_dot_product_attention(
+            q.transpose(0, 1).float(), keys.repeat_interleave(rep, 0).float(),
+            vals.repeat_interleave(rep, 0).float(), attn_mask=mask[None],
+        )  # [H, T, hd]
+        return out.transpose(0, 1).reshape(q.shape[0], H * hd).to(q.dtype)
+
+    return attend
+
+
+@dataclass
+class BlockPredictions:
+    """What the drafter says about N blocks, and the targets to compare with."""
+
+    logits: torch.Tensor  # [N, K, V] fp32 Markov-corrected draft logits
+    confidence_logits: torch.Tensor | None  # [N, K] survival logits z_k
+    target_logits: torch.Tensor  # [N, K, V] fp32 lm_head(target last_hidden[anchor+k])
+    labels: BlockLabels
+
+
+def markov_logits(model: DSparkDraftModel, base: torch.Tensor, hidden: torch.Tensor,
+                  prev_tokens: torch.Tensor) -> torch.Tensor:
+    """Slot k: U_k + Markov bias of x_{k-1}, applied step by step like draft_block."""
+    head = model.markov_head
+    if head is None:
+        return base
+    state = head.init_state(base.shape[0], hidden)
+    out = []
+    for k in range(base.shape[1]):
+        bias, state = head.step(prev_tokens[:, k], hidden[:, k], state)
+        out.append(base[:, k] + bias)
+    return torch.stack(out, dim=1)
+
+
+def block_forward(model: DSparkDraftModel, input_ids: torch.Tensor, loss_mask: torch.Tensor,
+                  features: torch.Tensor, last_hidden: torch.Tensor, anchors: torch.Tensor,
+                  prev_tokens: torch.Tensor | None = None) -> BlockPredictions:
+    """Draft logits and confidences of the blocks at `anchors` of one sequence.
+
+    prev_tokens [N, K] are the Markov head's teacher-forced previous tokens
+    (default: [anchor, ground-truth labels[:-1]]).
+    """
+    S, K, dtype = input_ids.shape[0], model.config.block_size, model.fc.weight.dtype
+    lab = block_labels(input_ids, loss_mask, anchors, K)
+    positions = torch.arange(S, device=input_ids.device)
+    ctx_kv = model.context_keys_values(model.fuse_target_features(features.to(dtype)), positions)
+    attend = dense_training_attention(ctx_kv, block_attention_mask(S, anchors, K))
+
+    N = anchors.shape[0]
+    ids = model.block_input_ids(input_ids[anchors])
+    block_pos = anchors[:, None] + torch.arange(K, device=anchors.device)
+    hidden = model.backbone(ids.flatten(), block_pos.flatten(), attend).view(N, K, -1)
+    if prev_tokens is None:
+        prev_tokens = torch.cat([input_ids[anchors][:, None], lab.labels[:, :-1]], dim=1)
+    logits = markov_logits(model, model.base_logits(hidden), hidden, prev_tokens)
+    conf = model.confidence_logits(hidden, prev_tokens)
+    with torch.no_grad():  # the frozen lm_head on the target's hidden state = target logits
+        target = model.lm_head(last_hidden[lab.label_positions - 1].to(dtype)).float()
+    return BlockPredictions(logits, conf, target, lab)

@@ -1,0 +1,266 @@
+"""Training a DSpark drafter: data store, training forward, loss, resume, Ray, end to end.
+
+Fast tests use answers generated with HF transformers (no engine); the slow
+ones run the real vLLM data path, a local 2-worker Ray cluster, and the
+trained drafter inside the plugin.
+"""
+
+import gc
+import json
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from dspark_vllm.training.data import DataConfig, TrainingData, make_training_data
+from dspark_vllm.training.train import TrainConfig, train
+
+PROMPTS = [
+    "Write a python function to reverse a list.",
+    "Explain what a dictionary comprehension is.",
+    "def fibonacci(n):",
+    "Sort a list of tuples by their second element.",
+    "What does the with statement do in Python?",
+]
+TINY = dict(num_layers=1, markov_rank=16, block_size=7, num_anchors=16, batch_size=2, lr=3e-3,
+            warmup_steps=2, log_every=5)
+
+
+@pytest.fixture(scope="module")
+def prompt_file(tmp_path_factory):
+    path = tmp_path_factory.mktemp("prompts") / "prompts.jsonl"
+    path.write_text("".join(json.dumps({"turns": [p, "a second turn"]}) + "\n" for p in PROMPTS))
+    return str(path)
+
+
+def data_config(fixture_paths, prompt_file, out, **kw):
+    kw = {"max_tokens": 32, "shard_size": 2, "generator": "hf", **kw}
+    return DataConfig(target=fixture_paths["target"], prompts=[prompt_file], out=str(out), **kw)
+
+
+@pytest.fixture(scope="module")
+def hf_data(fixture_paths, prompt_file, tmp_path_factory):
+    return make_training_data(data_config(fixture_paths, prompt_file, tmp_path_factory.mktemp("hf_data")))
+
+
+# -- data store ---------------------------------------------------------------------
+
+def test_data_format(hf_data, fixture_paths):
+    data = TrainingData(hf_data)
+    index = data.index
+    assert index["version"] == 1 and index["complete"] and index["num_samples"] == len(data) == 5
+    assert index["target_layer_ids"] == [0, 1, 2] and index["hidden_size"] == 128
+    assert [s["file"] for s in index["shards"]] == [f"shard-0000{k}.safetensors" for k in range(3)]
+    s = data[0]
+    meta = index["shards"][0]["samples"][0]
+    S, P = meta["length"], meta["answer_start"]
+    assert s.input_ids.shape == (S,) and s.features.shape == (S, 3 * 128) and s.last_hidden.shape == (S, 128)
+    assert s.features.dtype == torch.bfloat16
+    assert s.loss_mask.tolist() == [False] * P + [True] * (S - P)
+    raw = load_file(str(hf_data / "shard-00000.safetensors"))
+    assert raw["0.input_ids"].dtype == torch.int32 and raw["0.loss_mask"].dtype == torch.uint8
+
+
+def test_data_is_resumable(hf_data, fixture_paths, prompt_file, tmp_path):
+    cfg = data_config(fixture_paths, prompt_file, tmp_path / "d")
+    make_training_data(cfg, max_shards=1)  # "interrupted" after the first shard
+    first = json.loads((tmp_path / "d" / "index.json").read_text())
+    assert not first["complete"] and len(first["shards"]) == 1
+    make_training_data(cfg)
+    assert (tmp_path / "d" / "index.json").read_text() == (hf_data / "index.json").read_text()
+    for k in range(3):
+        a = load_file(str(tmp_path / "d" / f"shard-0000{k}.safetensors"))
+        b = load_file(str(hf_data / f"shard-0000{k}.safetensors"))
+        assert a.keys() == b.keys() and all(torch.equal(a[n], b[n]) for n in a)
+    with pytest.raises(ValueError, match="max_tokens"):
+        make_training_data(data_config(fixture_paths, prompt_file, tmp_path / "d", max_tokens=16))
+
+
+def test_bad_input_names_the_field(fixture_paths, prompt_file, tmp_path):
+    with pytest.raises(ValueError, match="prompts"):
+        DataConfig(target=fixture_paths["target"], prompts=[str(tmp_path / "nope.jsonl")], out=str(tmp_path))
+    with pytest.raises(ValueError, match="TrainConfig.head"):
+        TrainConfig.make(data="d", target="t", out="o", head="gated")
+    with pytest.raises(FileNotFoundError, match="index.json"):
+        TrainingData(tmp_path)
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"prompt": "x"}\n')
+    with pytest.raises(ValueError, match="bad.jsonl:1"):
+        make_training_data(data_config(fixture_paths, str(bad), tmp_path / "x"))
+
+
+# -- the training forward is one drafting round per anchor ---------------------------
+
+@pytest.mark.parametrize("head", ["vanilla", "rnn", "none"])
+def test_training_forward_equals_draft_block(hf_data, fixture_paths, head):
+    from dspark_vllm.model.dspark import dense_block_attention
+    from dspark_vllm.proposer import draft_block
+    from dspark_vllm.sampling import SamplingRows
+    from dspark_vllm.training.blocks import anchor_candidates, block_forward
+    from dspark_vllm.training.train import draft_config, init_draft, load_target_head
+
+    data = TrainingData(hf_data)
+    cfg = TrainConfig(data=str(hf_data), target=fixture_paths["target"], out="unused", head=head, **TINY)
+    model = init_draft(draft_config(cfg, data), *load_target_head(cfg.target), seed=1).eval()
+    if model.confidence_head is not None:  # spread the confidences
+        torch.nn.init.normal_(model.confidence_head.proj.weight, std=0.3)
+    s = data[1]
+    S, K = len(s.input_ids), model.config.block_size
+    anchors = anchor_candidates(s.loss_mask)[[0, 3, 7, -2, -1]]
+    with torch.no_grad():
+        kv = model.context_keys_values(model.fuse_target_features(s.features.float()), torch.arange(S))
+        N = len(anchors)
+        attend = dense_block_attention([k.expand(N, -1, -1, -1) for k, _ in kv],
+                                       [v.expand(N, -1, -1, -1) for _, v in kv], anchors, K)
+        for temperature in (0.0, 1.0):
+            drafts = draft_block(model, s.input_ids[anchors], anchors, attend, K,
+                                 SamplingRows(torch.full((N,), temperature)))
+            prev = torch.cat([s.input_ids[anchors][:, None], drafts.tokens[:, :-1]], dim=1)
+            pred = block_forward(model, s.input_ids, s.loss_mask, s.features, s.last_hidden, anchors, prev)
+            if temperature == 0:
+                assert torch.equal(pred.logits.argmax(-1), drafts.tokens)
+            else:
+                torch.testing.assert_close(pred.logits.softmax(-1), drafts.probs, atol=1e-5, rtol=0)
+            if head == "none":
+                assert pred.confidence_logits is None and drafts.confidences is None
+            else:
+                torch.testing.assert_close(pred.confidence_logits.sigmoid(), drafts.confidences, atol=1e-6, rtol=0)
+
+
+def test_block_labels_and_mask():
+    from dspark_vllm.training.blocks import anchor_candidates, block_attention_mask, block_labels
+
+    ids = torch.arange(10)
+    loss_mask = torch.tensor([0, 0, 0, 1, 1, 1, 1, 1, 1, 0]).bool()  # answer 3..8, then a pad
+    assert anchor_candidates(loss_mask).tolist() == [3, 4, 5, 6, 7]
+    lab = block_labels(ids, loss_mask, torch.tensor([3, 7]), 4)
+    assert lab.labels.tolist() == [[4, 5, 6, 7], [8, 9, 9, 9]]
+    assert lab.mask.tolist() == [[1, 1, 1, 1], [1, 0, 0, 0]]  # stops at the answer's end
+    mask = block_attention_mask(10, torch.tensor([3, 7]), 2)
+    assert mask[0, :10].tolist() == [True] * 3 + [False] * 7  # context strictly before the anchor
+    assert mask[2, :10].tolist() == [True] * 7 + [False] * 3
+    assert mask[:, 10:].tolist() == [[1, 1, 0, 0], [1, 1, 0, 0], [0, 0, 1, 1], [0, 0, 1, 1]]
+
+
+def test_loss_weights_and_tau():
+    from dspark_vllm.training.blocks import BlockLabels, BlockPredictions
+    from dspark_vllm.training.loss import AcceptanceStats, LossWeights, dspark_loss, position_weights
+
+    assert position_weights(3, 4.0).tolist() == pytest.approx([1, 0.7788, 0.6065], abs=1e-4)
+    logits = torch.tensor([[[0.0, 0.0], [5.0, -5.0]]])
+    pred = BlockPredictions(logits, torch.zeros(1, 2), logits.clone(),
+                            BlockLabels(torch.tensor([[0, 0]]), torch.tensor([[1, 2]]), torch.ones(1, 2)))
+    parts = dspark_loss(pred, LossWeights(ce=0.0, l1=1.0, confidence=0.0))
+    assert parts.numerator.item() == pytest.approx(0.0, abs=1e-6)  # identical distributions
+    assert parts.accept[0].tolist() == pytest.approx([1.0, 1.0])
+    stats = AcceptanceStats(2)
+    stats.add(torch.tensor([[0.5, 0.5]]), torch.ones(1, 2))
+    assert stats.summary()["tau_probabilistic"] == pytest.approx(1 + 0.5 + 0.25)
+
+
+# -- resume is exact ---------------------------------------------------------------------
+
+def test_resume_is_bit_identical(hf_data, fixture_paths, tmp_path):
+    kw = dict(data=str(hf_data), target=fixture_paths["target"], steps=12, checkpoint_every=4, head="rnn", **TINY)
+    full = train(TrainConfig(out=str(tmp_path / "full"), **kw))
+    part = train(TrainConfig(out=str(tmp_path / "resumed"), stop_at=5, **kw))
+    assert part.checkpoint is None and part.steps_done == 5
+    with pytest.raises(ValueError, match="resume"):
+        train(TrainConfig(out=str(tmp_path / "resumed"), **kw))
+    with pytest.raises(ValueError, match="lr"):
+        train(TrainConfig(out=str(tmp_path / "resumed"), resume=True, **{**kw, "lr": 1e-3}))
+    rest = train(TrainConfig(out=str(tmp_path / "resumed"), resume=True, **kw))
+    assert len(rest.losses) == 7 and rest.losses == full.losses[5:]
+    a = load_file(str(full.checkpoint / "model.safetensors"))
+    b = load_file(str(rest.checkpoint / "model.safetensors"))
+    assert a.keys() == b.keys() and all(torch.equal(a[n], b[n]) for n in a)
+
+
+def test_dflash_ablation_has_no_heads(hf_data, fixture_paths, tmp_path):
+    from dspark_vllm.model.checkpoint import load_draft_model
+
+    cfg = TrainConfig(data=str(hf_data), target=fixture_paths["target"], out=str(tmp_path), head="none",
+                      steps=3, target_layer_ids=[0, 2], **TINY)
+    assert (cfg.loss_weights.ce, cfg.loss_weights.l1, cfg.loss_weights.confidence) == (1.0, 0.0, 0.0)
+    model = load_draft_model(train(cfg).checkpoint)
+    assert model.markov_head is None and model.confidence_head is None
+    assert model.config.target_layer_ids == (0, 2) and model.fc.in_features == 2 * 128
+
+
+# -- Ray ------------------------------------------------------------------------------------
+
+@pytest.mark.slow
+def test_ray_data_and_two_worker_training(fixture_paths, prompt_file, hf_data, tmp_path):
+    import ray
+
+    from dspark_vllm.model.checkpoint import load_draft_model
+    from dspark_vllm.training.ray_scale import make_training_data_ray, train_ray
+
+    ray.init(num_cpus=2, include_dashboard=False)
+    try:
+        out = make_training_data_ray(data_config(fixture_paths, prompt_file, tmp_path / "d", shard_size=1), 2)
+        data = TrainingData(out)
+        assert data.index["complete"] and len(data) == 5 and len(data.index["shards"]) == 5
+        single = TrainingData(hf_data)  # same samples as the single-process store
+        assert torch.equal(data[4].input_ids, single[4].input_ids)
+        result = train_ray(TrainConfig(data=str(out), target=fixture_paths["target"], out=str(tmp_path / "o"),
+                                       steps=4, **TINY), num_workers=2)
+    finally:
+        ray.shutdown()
+    assert result.metrics["step"] == 4 and "tau_probabilistic" in result.metrics
+    model = load_draft_model(result.checkpoint)
+    assert model.markov_head is not None
+
+
+# -- end to end with vLLM -------------------------------------------------------------------
+
+ENGINE = dict(max_model_len=512, enforce_eager=True, dtype="float32", seed=0)
+
+
+@pytest.fixture(scope="module")
+def vllm_data(fixture_paths, prompt_file, tmp_path_factory):
+    cfg = data_config(fixture_paths, prompt_file, tmp_path_factory.mktemp("vllm_data"), generator="vllm",
+                      shard_size=4)
+    out = make_training_data(cfg)
+    gc.collect()
+    return out
+
+
+@pytest.fixture(scope="module")
+def trained(vllm_data, fixture_paths, tmp_path_factory):
+    cfg = TrainConfig(data=str(vllm_data), target=fixture_paths["target"], out=str(tmp_path_factory.mktemp("ckpt")),
+                      steps=40, checkpoint_every=0, **TINY)
+    return train(cfg)
+
+
+@pytest.mark.slow
+def test_vllm_data_and_training_loss_goes_down(vllm_data, trained):
+    data = TrainingData(vllm_data)
+    assert data.index["generation"]["generator"] == "vllm" and len(data) == 5
+    assert all(s.loss_mask.sum() >= 2 for s in (data[i] for i in range(len(data))))
+    first, last = sum(trained.losses[:5]) / 5, sum(trained.losses[-5:]) / 5
+    assert last < 0.8 * first, trained.losses
+    assert 1.0 <= trained.metrics["tau_probabilistic"] <= 8.0
+
+
+@pytest.mark.slow
+def test_trained_drafter_is_exact_in_the_plugin(trained, fixture_paths):
+    import dspark_vllm
+    from dspark_vllm.model.checkpoint import load_draft_model
+    from vllm import LLM, SamplingParams
+    from transformers import AutoTokenizer
+
+    load_draft_model(trained.checkpoint)
+    tok = AutoTokenizer.from_pretrained(fixture_paths["target"])
+    prompts = [{"prompt_token_ids": tok(p).input_ids} for p in PROMPTS]
+    params = SamplingParams(temperature=0.0, max_tokens=32, ignore_eos=True)
+
+    def greedy(**kw):
+        llm = LLM(model=fixture_paths["target"], **ENGINE, **kw)
+        outs = [tuple(o.outputs[0].token_ids) for o in llm.generate(prompts, params, use_tqdm=False)]
+        del llm
+        gc.collect()
+        return outs
+
+    expected = greedy()
+    assert greedy(**dspark_vllm.engine_kwargs(str(trained.checkpoint))) == expected
