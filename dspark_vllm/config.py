@@ -11,6 +11,20 @@ from pydantic import BaseModel, ConfigDict, ValidationError
 from .model.config import DSparkConfigError
 
 PROPOSER_PATH = "dspark_vllm.DSparkProposer"
+DEFAULT_PAIR = Path(__file__).parent / "assets" / "default_pair"
+
+
+def demo_paths() -> dict[str, str]:
+    """The embedded default model pair (see assets/default_pair/README.md)."""
+    paths = {"target": DEFAULT_PAIR / "target", "dspark": DEFAULT_PAIR / "dspark",
+             "dflash": DEFAULT_PAIR / "dflash", "calibration": DEFAULT_PAIR / "calibration.json",
+             "prompts": DEFAULT_PAIR / "prompts" / "heldout.jsonl"}
+    missing = [k for k, v in paths.items() if not v.exists()]
+    if missing:
+        raise FileNotFoundError(
+            f"default model pair incomplete, missing {missing} under {DEFAULT_PAIR}; "
+            "rebuild it with scripts/make_default_pair.sh")
+    return {k: str(v) for k, v in paths.items()}
 
 
 class DSparkOptions(BaseModel):
@@ -19,8 +33,20 @@ class DSparkOptions(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
     draft_model: str
-    verification: Literal["fixed", "threshold"] = "fixed"
+    # fixed: verify the whole block; threshold: stop where survival < threshold;
+    # sync: Algorithm 1 (greedy admission, early stop); async: section 5.2 budget.
+    verification: Literal["fixed", "threshold", "sync", "async"] = "fixed"
     threshold: float = 0.5
+    # async: age in steps of the confidences that set the budget (paper: 2).
+    async_delay: int = 2
+    # STS calibration JSON from scripts/calibrate.py (per-position temperatures).
+    calibration: str | None = None
+    # Engine cost table SPS(B) to use instead of profiling at start (see configs/).
+    sps_profile: str | None = None
+    # Where measured SPS tables are cached (default ~/.cache/dspark_vllm/sps).
+    sps_cache_dir: str | None = None
+    # Where the engine publishes its DSpark metrics; filled in by the plugin.
+    metrics_path: str | None = None
 
 
 def options_from_additional_config(additional_config: dict | None) -> DSparkOptions:
@@ -47,19 +73,23 @@ def engine_kwargs(draft_model: str, num_speculative_tokens: int | None = None,
     """Keyword arguments for `vllm.LLM(model=TARGET, **engine_kwargs(DRAFT))`.
 
     `num_speculative_tokens` defaults to the checkpoint's block size.
-    `verification` names the policy ("fixed" or "threshold"); further options
-    (e.g. threshold=0.6) go into additional_config["dspark"].
+    `verification` names the policy ("fixed", "threshold", "sync" or "async");
+    further options (threshold=0.6, calibration=PATH, sps_profile=PATH) go into
+    additional_config["dspark"]. Paths are made absolute.
     """
     from .model.checkpoint import check_num_speculative_tokens
     from .model.config import DSparkConfig
 
     cfg = DSparkConfig.from_pretrained(draft_model)
     k = check_num_speculative_tokens(cfg, num_speculative_tokens)
+    for key in ("calibration", "sps_profile", "sps_cache_dir"):
+        if options.get(key) is not None:
+            options[key] = str(Path(options[key]).resolve())
     dspark = DSparkOptions(draft_model=str(Path(draft_model).resolve()), verification=verification, **options)
     return {
         "speculative_config": {"method": "custom_class", "model": PROPOSER_PATH,
                                "num_speculative_tokens": k},
-        "additional_config": {"dspark": dspark.model_dump()},
+        "additional_config": {"dspark": dspark.model_dump(exclude_none=True)},
     }
 
 

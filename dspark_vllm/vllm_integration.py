@@ -18,18 +18,26 @@ The route (see README "How it plugs into vLLM"):
 from __future__ import annotations
 
 import functools
+import os
+import tempfile
+import time
+import uuid
 from dataclasses import replace
+from pathlib import Path
 
 import torch
 from vllm.logger import init_logger
 
+from . import sps as sps_profile
+from .calibration import apply_temperatures, load_calibration
 from .config import DSparkOptions, PROPOSER_PATH, options_from_additional_config
+from .metrics import EngineStats, serve_metrics_from
 from .model.checkpoint import TargetInfo, load_draft_model, validate_checkpoint
-from .model.config import DSparkConfig, DSparkConfigError
-from .policies import make_policy
+from .model.config import DSparkConfig
+from .policies import check_policy, make_policy
 from .proposer import draft_block
 from .sampling import SamplingRows, process_logits
-from .verification import verify
+from .verification import num_accepted, verify
 
 logger = init_logger("vllm.dspark")  # under vLLM's logger so its handlers apply
 
@@ -60,7 +68,20 @@ def configure(vllm_config) -> None:
         TargetInfo.from_hf_config(vllm_config.model_config.hf_config),
         vllm_config.speculative_config.num_speculative_tokens,
     )
-    make_policy(options.verification, options.model_dump())
+    draft_config = DSparkConfig.from_pretrained(options.draft_model)
+    if options.calibration:
+        load_calibration(options.calibration, draft_config.block_size)
+    if options.sps_profile:
+        sps_profile.load_profile(options.sps_profile)
+    check_policy(options.verification, options.model_dump(), draft_config.enable_confidence_head)
+    if options.metrics_path is None:
+        # The engine process writes here; this (front-end) process serves it on /metrics.
+        path = Path(tempfile.gettempdir()) / "dspark-vllm" / f"metrics-{uuid.uuid4().hex}.json"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        dspark = {**vllm_config.additional_config["dspark"], "metrics_path": str(path)}
+        vllm_config.additional_config = {**vllm_config.additional_config, "dspark": dspark}
+        options = options_from_additional_config(vllm_config.additional_config)
+    serve_metrics_from(options.metrics_path)
     parallel = vllm_config.parallel_config
     if parallel.worker_cls in _WORKERS:
         parallel.worker_cls = _WORKERS[parallel.worker_cls]
@@ -134,11 +155,19 @@ class DSparkProposer:
         self.num_tokens = vllm_config.speculative_config.num_speculative_tokens
         self.draft_config = validate_checkpoint(self.options.draft_model, target, self.num_tokens)
         self.num_target_layers = target.num_hidden_layers
-        self.policy = make_policy(self.options.verification, self.options.model_dump())
+        self.policy = make_policy(self.options.verification, self.options.model_dump(),
+                                  confidence_head=self.draft_config.enable_confidence_head)
+        self.temperatures = None  # per-position STS temperatures, if calibrated
+        if self.options.calibration:
+            self.temperatures = load_calibration(self.options.calibration,
+                                                 self.draft_config.block_size).temperatures
+        self.profile = None  # SPSProfile, set by the runner before serving
+        self.stats = EngineStats(policy=self.policy.name, block_size=self.num_tokens)
         self.model = None
         self.attn_layers: list = []
         self.layer_names: list[str] = []
-        self.pending: dict[str, tuple[list[int], torch.Tensor | None]] = {}
+        # req_id -> (verified drafts, their q rows or None, calibrated survival a_k or None)
+        self.pending: dict[str, tuple[list[int], torch.Tensor | None, list[float] | None]] = {}
         self.last_confidences: dict[str, list[float]] = {}
         self.shared: list[str] = []  # draft weights that alias the target's
 
@@ -197,6 +226,24 @@ class DSparkProposer:
         for layer, attn in zip(self.model.layers, self.attn_layers):
             k, v = layer.self_attn.keys_values(fused, positions)
             attn.impl.do_kv_cache_update(attn, k, v, attn.kv_cache, slot_mapping)
+
+    # -- confidence-scheduled verification ---------------------------------
+    def calibrated_confidences(self, drafts) -> torch.Tensor | None:
+        """c_k after STS: sigmoid(z_k / T_k); the raw head output when not calibrated."""
+        if drafts.confidence_logits is None:
+            return None
+        if self.temperatures is None:
+            return drafts.confidences.float()
+        return apply_temperatures(drafts.confidence_logits.float(), self.temperatures)
+
+    def verify_lengths(self, confidences, num_drafting: int, other_tokens: int) -> list[int]:
+        """How many drafts of each drafting request go to verification next step.
+
+        other_tokens: tokens of the same forward pass the policy does not
+        schedule (requests that did not draft this round), counted into B.
+        """
+        return [int(x) for x in self.policy.lengths(confidences, self.num_tokens, num_drafting,
+                                                    other_tokens=other_tokens, profile=self.profile)]
 
     def forget(self, req_id: str) -> None:
         self.pending.pop(req_id, None)
@@ -296,17 +343,85 @@ class DSparkRunnerMixin:
         out = draft_block(drafter.model, anchors_t, anchor_pos_t, attend, drafter.num_tokens,
                           rows_sampling, generators)
 
-        # 4. Verification lengths from the policy; keep q for the acceptance step.
-        lengths = drafter.policy.lengths(out.confidences, drafter.num_tokens, len(rows)).tolist()
+        # 4. Verification lengths from the policy; keep q and the predicted
+        #    survival for the acceptance step.
+        confidences = drafter.calibrated_confidences(out)
+        lengths = drafter.verify_lengths(confidences, len(rows), num_reqs - len(rows))
+        survival = None if confidences is None else confidences.cumprod(-1).tolist()
         tokens = out.tokens.tolist()
         for j, i in enumerate(rows):
-            L = int(lengths[j])
+            L = lengths[j]
             drafts[i] = tokens[j][:L]
             probs = None if out.probs is None or bool(rows_sampling.is_greedy[j]) else out.probs[j, :L]
-            drafter.pending[req_ids[i]] = (drafts[i], probs)
-            if out.confidences is not None:
-                drafter.last_confidences[req_ids[i]] = out.confidences[j].tolist()
+            drafter.pending[req_ids[i]] = (drafts[i], probs, None if survival is None else survival[j][:L])
+            if confidences is not None:
+                drafter.last_confidences[req_ids[i]] = confidences[j].tolist()
+        drafter.stats.record_drafts(len(rows), drafter.num_tokens, lengths)
+        self._dspark_end_step(n)
         return drafts
+
+    # -- step timing and metrics ------------------------------------------
+    def execute_model(self, *args, **kwargs):
+        self._dspark_step_start = time.perf_counter()
+        return super().execute_model(*args, **kwargs)
+
+    def _dspark_end_step(self, num_scheduled_tokens: int) -> None:
+        """Measured vs profiled step time (target forward + draft), then publish the metrics."""
+        drafter: DSparkProposer = self.drafter
+        start = getattr(self, "_dspark_step_start", None)
+        if start is not None:
+            profiled = None if drafter.profile is None else 1.0 / drafter.profile.sps(num_scheduled_tokens)
+            drafter.stats.record_step_time(time.perf_counter() - start, profiled)
+            self._dspark_step_start = None
+        if drafter.options.metrics_path:
+            drafter.stats.publish(drafter.options.metrics_path)
+
+    # -- engine cost profile SPS(B) ----------------------------------------
+    def dspark_load_or_measure_profile(self) -> None:
+        """Give the drafter its SPS(B) table: a configs/ file, the disk cache, or a fresh measurement."""
+        drafter: DSparkProposer = self.drafter
+        opts = drafter.options
+        if opts.sps_profile:
+            profile, source = sps_profile.load_profile(opts.sps_profile), opts.sps_profile
+        elif drafter.policy.name not in ("sync", "async"):
+            return  # fixed / threshold never look at the cost curve
+        else:
+            max_tokens = self.scheduler_config.max_num_batched_tokens
+            settings = {"max_num_batched_tokens": max_tokens, "dtype": str(self.model_config.dtype),
+                        "block_size": drafter.draft_config.block_size, "draft": opts.draft_model,
+                        "enforce_eager": self.model_config.enforce_eager,
+                        "threads": torch.get_num_threads(), "vllm": _vllm_version()}
+            cache_dir = opts.sps_cache_dir or os.path.expanduser("~/.cache/dspark_vllm/sps")
+            path = sps_profile.cache_path(cache_dir, self.model_config.model, _hardware_name(self.device),
+                                          settings)
+            if path.exists():
+                profile, source = sps_profile.load_profile(path), f"cache {path}"
+            else:
+                profile = self._dspark_measure_profile(max_tokens, settings)
+                profile.save(path)
+                source = f"measured, cached at {path}"
+        drafter.profile = profile
+        logger.info("DSpark engine cost profile (%s): %s", source, profile.summary())
+
+    def _dspark_measure_profile(self, max_tokens: int, settings: dict):
+        """Time one verification step per batch size B: target forward over B tokens + draft block.
+
+        The target runs vLLM's own dummy forward (same kernels and padding as
+        serving, without attention over a long context); the drafter runs its
+        block for the number of requests that B tokens of full blocks imply.
+        """
+        drafter: DSparkProposer = self.drafter
+        gamma = drafter.draft_config.block_size
+        points = {}
+        for B in sps_profile.measure_sizes(max_tokens):
+            num_reqs = max(1, B // (drafter.num_tokens + 1))
+            self._dummy_run(B)
+            _time_draft_block(drafter, num_reqs, gamma, self.device)
+            target_s = _best_time(lambda: self._dummy_run(B))
+            draft_s = _best_time(lambda: _time_draft_block(drafter, num_reqs, gamma, self.device))
+            points[B] = 1.0 / (target_s + draft_s)
+        return sps_profile.make_profile(points, self.model_config.model, _hardware_name(self.device),
+                                        settings)
 
     def _paged_block_attention(self, builder, block_table, block_size, anchor_pos, gamma):
         """attend() for draft blocks whose context K/V sit in vLLM's paged cache.
@@ -342,6 +457,48 @@ class DSparkRunnerMixin:
         return attend
 
 
+def _vllm_version() -> str:
+    import vllm
+
+    return vllm.__version__
+
+
+def _hardware_name(device) -> str:
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    import platform
+
+    return f"cpu:{platform.processor() or platform.machine()}:{torch.get_num_threads()}threads"
+
+
+def _best_time(fn, repeats: int = 3) -> float:
+    """Fastest of a few runs: the cost of the step itself, without scheduling noise."""
+    best = float("inf")
+    for _ in range(repeats):
+        start = time.perf_counter()
+        fn()
+        best = min(best, time.perf_counter() - start)
+    return best
+
+
+@torch.inference_mode()
+def _time_draft_block(drafter, num_reqs: int, gamma: int, device, context: int = 16) -> None:
+    """One draft block for num_reqs requests over a short dense context (for profiling)."""
+    from .model.dspark import dense_block_attention
+
+    model, cfg = drafter.model, drafter.draft_config
+    dtype = model.fc.weight.dtype
+    feats = torch.zeros(num_reqs * context, cfg.fc_in_features, device=device, dtype=dtype)
+    pos = torch.arange(context, device=device).repeat(num_reqs)
+    kv = model.context_keys_values(model.fuse_target_features(feats), pos)
+    ctx_k = [k.view(num_reqs, context, *k.shape[1:]) for k, _ in kv]
+    ctx_v = [v.view(num_reqs, context, *v.shape[1:]) for _, v in kv]
+    attend = dense_block_attention(ctx_k, ctx_v, torch.full((num_reqs,), context, device=device), gamma)
+    anchors = torch.zeros(num_reqs, dtype=torch.long, device=device)
+    draft_block(model, anchors, torch.full_like(anchors, context), attend, drafter.num_tokens,
+                SamplingRows(torch.zeros(num_reqs)))
+
+
 # ---------------------------------------------------------------------------
 # Verification: exact speculative sampling in place of vLLM's rejection sampler.
 # ---------------------------------------------------------------------------
@@ -370,13 +527,23 @@ class DSparkRejectionSampler(RejectionSampler):
         for req_id, num in zip(self.proposer.runner.input_batch.req_ids, metadata.num_draft_tokens):
             pending = self.proposer.pending.get(req_id)
             if num and pending is not None:
-                tokens, q = pending
+                tokens, q, _ = pending
                 if drafted[start:start + num] != tokens[:num]:
                     raise RuntimeError(f"request {req_id}: scheduled drafts differ from proposed ones")
                 if q is not None:
                     probs[start:start + num] = q[:num].to(device)
             start += num
         return probs
+
+    def record_outcomes(self, metadata, out: torch.Tensor) -> None:
+        """Verified vs accepted per position, and the survival that was predicted for them."""
+        accepted = num_accepted(out).tolist()
+        req_ids = self.proposer.runner.input_batch.req_ids
+        for r, (req_id, num) in enumerate(zip(req_ids, metadata.num_draft_tokens)):
+            if num:
+                pending = self.proposer.pending.get(req_id)
+                survival = None if pending is None else pending[2]
+                self.proposer.stats.record_verification(num, accepted[r], survival)
 
     def forward(self, metadata, draft_probs, logits, sampling_metadata):
         num_reqs = len(metadata.num_draft_tokens)
@@ -407,6 +574,7 @@ class DSparkRejectionSampler(RejectionSampler):
         out = verify(torch.cat(pieces), metadata.draft_token_ids.long(), list(metadata.num_draft_tokens),
                      rows.is_greedy.to(target.device), q, sampling_metadata.generators)
         out = out.to(torch.int32)
+        self.record_outcomes(metadata, out)
 
         from vllm.v1.outputs import SamplerOutput
 
@@ -441,10 +609,17 @@ class DSparkWorkerRPC:
     def dspark_info(self) -> dict:
         drafter = self.model_runner.drafter
         return {"runner": type(self.model_runner).__name__, "draft_model": drafter.options.draft_model,
-                "policy": drafter.policy.name, "shared_with_target": list(drafter.shared)}
+                "policy": drafter.policy.name, "shared_with_target": list(drafter.shared),
+                "calibrated": drafter.temperatures is not None,
+                "sps_profile": None if drafter.profile is None else drafter.profile.model_dump()}
 
 
 class DSparkCPUWorker(DSparkWorkerRPC, CPUWorker):
+    def compile_or_warm_up_model(self):
+        times = super().compile_or_warm_up_model()
+        self.model_runner.dspark_load_or_measure_profile()
+        return times
+
     def init_device(self):
         # CPUWorker.init_device builds `CPUModelRunner` from its module's
         # namespace; pointing that name at ours builds the runner once.
@@ -468,3 +643,8 @@ class DSparkGPUWorker(DSparkWorkerRPC, Worker):
                 self._dspark_setup()
 
         return DSparkGPUModelRunner(self.vllm_config, self.device)
+
+    def compile_or_warm_up_model(self):
+        times = super().compile_or_warm_up_model()
+        self.model_runner.dspark_load_or_measure_profile()
+        return times

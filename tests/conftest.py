@@ -1,4 +1,6 @@
 import os
+import random
+import textwrap
 
 import pytest
 
@@ -11,3 +13,23 @@ def fixture_paths(tmp_path_factory):
     from dspark_vllm.fixtures import make_fixtures
 
     return make_fixtures(tmp_path_factory.mktemp("models"))
+
+
+@pytest.fixture(scope="session")
+def prompts(fixture_paths):
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(fixture_paths["target"])
+    words = open(textwrap.__file__).read().split()  # a fixed text, unlike this file
+    rng = random.Random(0)
+    texts = [" ".join(rng.choice(words) for _ in range(rng.randint(1, 80))) for _ in range(24)]
+    return [tok(t).input_ids[:300] for t in texts]  # room for 64 new tokens in max_model_len
+
+
+@pytest.fixture(scope="session")
+def baseline(fixture_paths):
+    from vllm import LLM
+
+    from engine_utils import COMMON
+
+    return LLM(model=fixture_paths["target"], **COMMON)

@@ -5,18 +5,14 @@ sequences follow the target's exact conditional distributions (computed with
 Hugging Face transformers), with enough samples to see a 0.05 TV difference.
 """
 
-import random
-import textwrap
 
 import numpy as np
 import pytest
-import torch
 
+from engine_utils import COMMON, exact_conditionals, generate_ids
 from stats import sequence_gof_pvalue
 
 pytestmark = pytest.mark.slow
-
-COMMON = dict(max_model_len=512, enforce_eager=True, dtype="float32", disable_log_stats=False, seed=0)
 
 
 def spec_counters(llm) -> dict:
@@ -28,34 +24,11 @@ def spec_counters(llm) -> dict:
 
 
 @pytest.fixture(scope="module")
-def prompts(fixture_paths):
-    from transformers import AutoTokenizer
-
-    tok = AutoTokenizer.from_pretrained(fixture_paths["target"])
-    words = open(textwrap.__file__).read().split()  # a fixed text, unlike this file
-    rng = random.Random(0)
-    texts = [" ".join(rng.choice(words) for _ in range(rng.randint(1, 80))) for _ in range(24)]
-    return [tok(t).input_ids[:300] for t in texts]  # room for 64 new tokens in max_model_len
-
-
-@pytest.fixture(scope="module")
-def baseline(fixture_paths):
-    from vllm import LLM
-
-    return LLM(model=fixture_paths["target"], **COMMON)
-
-
-@pytest.fixture(scope="module")
 def dspark(fixture_paths):
     import dspark_vllm
     from vllm import LLM
 
     return LLM(model=fixture_paths["target"], **dspark_vllm.engine_kwargs(fixture_paths["dspark"]), **COMMON)
-
-
-def generate_ids(llm, prompt_ids, params):
-    outs = llm.generate([{"prompt_token_ids": p} for p in prompt_ids], params, use_tqdm=False)
-    return [tuple(o.outputs[0].token_ids) for o in outs]
 
 
 def test_greedy_equals_plain_decoding(baseline, dspark, prompts):
@@ -75,33 +48,6 @@ def test_worker_runs_the_dspark_runner_and_shares_target_weights(dspark):
     [info] = dspark.collective_rpc("dspark_info")
     assert info["runner"] == "DSparkCPUModelRunner"
     assert info["shared_with_target"] == ["embed_tokens", "lm_head"]
-
-
-def exact_conditionals(target_path, prompt_ids, top_k=None, top_p=None, temperature=1.0):
-    """prefix -> the target's exact next-token distribution."""
-    from transformers import AutoModelForCausalLM
-
-    model = AutoModelForCausalLM.from_pretrained(target_path, dtype=torch.float32).eval()
-    cache = {}
-
-    def cond(prefix):
-        if prefix not in cache:
-            with torch.no_grad():
-                logits = model(torch.tensor([list(prompt_ids) + list(prefix)])).logits[0, -1].double() / temperature
-            if top_k is not None:
-                logits[logits < logits.topk(top_k).values[-1]] = -float("inf")
-            probs = logits.softmax(-1)
-            if top_p is not None:
-                sorted_p, order = probs.sort(descending=True)
-                keep = sorted_p.cumsum(0) - sorted_p < top_p  # smallest set reaching top_p
-                mask = torch.zeros_like(probs, dtype=torch.bool)
-                mask[order[keep]] = True
-                probs = torch.where(mask, probs, 0.0)
-                probs = probs / probs.sum()
-            cache[prefix] = probs.numpy()
-        return cache[prefix]
-
-    return cond
 
 
 # At temperature 1 the random drafter is rarely right (the rejection path);

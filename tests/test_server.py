@@ -36,8 +36,17 @@ def fixtures(tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def server(fixtures, tmp_path_factory):
-    res = _flags(fixtures["dspark"])
+def sps_cache(tmp_path_factory):
+    return tmp_path_factory.mktemp("sps_cache")
+
+
+@pytest.fixture(scope="module")
+def server(fixtures, sps_cache, tmp_path_factory):
+    """The API server with the sync policy (Algorithm 1): calibrated, cost profile measured at start."""
+    calibration = tmp_path_factory.mktemp("cal") / "calibration.json"
+    calibration.write_text(json.dumps({"version": 1, "block_size": 7, "temperatures": [1.0] * 7}))
+    res = _flags(fixtures["dspark"], "--verification", "sync", "--calibration", str(calibration),
+                 "--sps-cache-dir", str(sps_cache))
     assert res.returncode == 0, res.stderr
     flags = shlex.split(res.stdout)
     port = _free_port()
@@ -144,3 +153,36 @@ def test_metrics_count_drafts(server):
     after = {n: _counter(server, n) for n in names}
     for n in names:
         assert after[n] > before[n], (n, before[n], after[n])
+
+
+def test_engine_cost_profile_is_measured_and_cached(server, sps_cache):
+    from dspark_vllm.sps import load_profile
+
+    [path] = list(sps_cache.glob("sps-*.json"))
+    profile = load_profile(path)
+    assert profile.table[0].tokens == 1 and profile.max_tokens >= 512
+    assert all(p.sps > 0 for p in profile.table)
+
+
+def test_dspark_metrics_on_the_metrics_endpoint(server):
+    verified = [f"vllm:dspark_verified_tokens_total{{position=\"{k}\"}}" for k in range(1, 8)]
+
+    def scrape():
+        text = requests.get(server["url"] + "/metrics", timeout=30).text
+        values = {}
+        for line in text.splitlines():
+            if not line.startswith("#") and " " in line:
+                name, value = line.rsplit(None, 1)
+                values[name] = float(value)
+        return values
+
+    before = scrape()
+    _post(server, "/v1/completions", GREEDY)
+    after = scrape()
+    assert after['vllm:dspark_policy_info{policy="sync"}'] == 1.0
+    assert after["vllm:dspark_steps_total"] > before.get("vllm:dspark_steps_total", 0)
+    assert sum(after[v] for v in verified) >= sum(before.get(v, 0) for v in verified)
+    drafted = after['vllm:dspark_drafted_tokens_total{position="1"}']
+    assert drafted >= after['vllm:dspark_verified_tokens_total{position="1"}']
+    assert "vllm:dspark_verification_budget_tokens_bucket" in "".join(after)
+    assert after["vllm:dspark_calibration_error"] >= 0

@@ -1,0 +1,37 @@
+"""Shared helpers of the engine tests: engine settings, generation, exact target conditionals."""
+
+import torch
+
+COMMON = dict(max_model_len=512, enforce_eager=True, dtype="float32", disable_log_stats=False, seed=0)
+
+
+def generate_ids(llm, prompt_ids, params):
+    outs = llm.generate([{"prompt_token_ids": p} for p in prompt_ids], params, use_tqdm=False)
+    return [tuple(o.outputs[0].token_ids) for o in outs]
+
+
+def exact_conditionals(target_path, prompt_ids, top_k=None, top_p=None, temperature=1.0):
+    """prefix -> the target's exact next-token distribution."""
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(target_path, dtype=torch.float32).eval()
+    cache = {}
+
+    def cond(prefix):
+        if prefix not in cache:
+            with torch.no_grad():
+                logits = model(torch.tensor([list(prompt_ids) + list(prefix)])).logits[0, -1].double() / temperature
+            if top_k is not None:
+                logits[logits < logits.topk(top_k).values[-1]] = -float("inf")
+            probs = logits.softmax(-1)
+            if top_p is not None:
+                sorted_p, order = probs.sort(descending=True)
+                keep = sorted_p.cumsum(0) - sorted_p < top_p  # smallest set reaching top_p
+                mask = torch.zeros_like(probs, dtype=torch.bool)
+                mask[order[keep]] = True
+                probs = torch.where(mask, probs, 0.0)
+                probs = probs / probs.sum()
+            cache[prefix] = probs.numpy()
+        return cache[prefix]
+
+    return cond

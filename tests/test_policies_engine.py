@@ -1,0 +1,127 @@
+"""The confidence-scheduled policies (sync = Algorithm 1, async = section 5.2) in a real engine.
+
+Exactness end to end (greedy equality, sampled distribution), calibration and
+a cost profile read at serve time, the per-position metrics, and the policies'
+response to load under a steep cost curve.
+"""
+
+import json
+
+import pytest
+
+from dspark_vllm.sps import synthetic_profile
+from stats import sequence_gof_pvalue
+from engine_utils import COMMON, exact_conditionals, generate_ids
+
+pytestmark = pytest.mark.slow
+
+BLOCK = 7
+
+
+@pytest.fixture(scope="module")
+def serve_files(tmp_path_factory):
+    d = tmp_path_factory.mktemp("serve_files")
+    steep = synthetic_profile("steep", 4096).save(d / "steep.json")
+    cal = d / "calibration.json"
+    cal.write_text(json.dumps({"version": 1, "block_size": BLOCK,
+                               "temperatures": [1.5, 1.0, 0.8, 1.2, 1.0, 2.0, 1.0]}))
+    return {"steep": str(steep), "calibration": str(cal), "dir": d}
+
+
+def make_llm(fixture_paths, serve_files, verification, **extra):
+    import dspark_vllm
+    from vllm import LLM
+
+    kwargs = dspark_vllm.engine_kwargs(fixture_paths["dspark"], verification=verification,
+                                       calibration=serve_files["calibration"],
+                                       sps_profile=serve_files["steep"])
+    return LLM(model=fixture_paths["target"], **kwargs, **COMMON,
+               per_request_spec_decode_metrics="detailed", **extra)
+
+
+@pytest.fixture(scope="module", params=["sync", "async"])
+def scheduled(request, fixture_paths, serve_files):
+    llm = make_llm(fixture_paths, serve_files, request.param)
+    yield request.param, llm
+    del llm
+
+
+def dspark_metrics(llm) -> dict:
+    out = {}
+    for m in llm.get_metrics():
+        if m.name.startswith("vllm:dspark_"):
+            key = m.name if not m.labels else f"{m.name}[{m.labels.get('position', m.labels.get('policy'))}]"
+            out[key] = getattr(m, "value", None)
+    return out
+
+
+def test_greedy_equals_plain_decoding_and_lengths_vary(scheduled, baseline, prompts):
+    from vllm import SamplingParams
+
+    policy, llm = scheduled
+    params = SamplingParams(temperature=0.0, max_tokens=64, ignore_eos=True)
+    outs = llm.generate([{"prompt_token_ids": p} for p in prompts], params, use_tqdm=False)
+    assert [tuple(o.outputs[0].token_ids) for o in outs] == generate_ids(baseline, prompts, params)
+    steps = [x for o in outs for x in (o.outputs[0].spec_decode_metrics.per_step_drafted or [])]
+    assert len(set(steps)) > 1, steps  # the scheduler chose different lengths
+
+    [info] = llm.collective_rpc("dspark_info")
+    assert info["policy"] == policy and info["calibrated"]
+    assert info["sps_profile"]["model"] == "synthetic-steep"
+    m = dspark_metrics(llm)
+    assert m[f"vllm:dspark_policy_info[{policy}]"] == 1
+    verified = sum(m[f"vllm:dspark_verified_tokens[{k}]"] for k in range(1, BLOCK + 1))
+    drafted = sum(m[f"vllm:dspark_drafted_tokens[{k}]"] for k in range(1, BLOCK + 1))
+    accepted = sum(m[f"vllm:dspark_accepted_tokens[{k}]"] for k in range(1, BLOCK + 1))
+    assert drafted > verified > accepted >= 0
+    assert m["vllm:dspark_drafted_tokens[1]"] >= m["vllm:dspark_verified_tokens[1]"]
+    assert m["vllm:dspark_profiled_step_time_seconds"] > 0 and m["vllm:dspark_step_time_seconds"] > 0
+    assert 0 <= m["vllm:dspark_calibration_error"] <= 1
+
+
+def test_sampling_matches_target_distribution(scheduled, fixture_paths, prompts):
+    from vllm import SamplingParams
+
+    _, llm = scheduled
+    n, prompt = 3000, prompts[5]
+    params = SamplingParams(temperature=2.0, max_tokens=4, ignore_eos=True)
+    samples = generate_ids(llm, [prompt] * n, params)
+    cond = exact_conditionals(fixture_paths["target"], prompt, temperature=2.0)
+    assert sequence_gof_pvalue(samples, cond) > 1e-3
+
+
+def test_steep_cost_curve_verifies_less_under_load(scheduled, prompts):
+    """Alone a request gets long verification; 24 at once share a smaller budget each."""
+    from vllm import SamplingParams
+
+    _, llm = scheduled
+    params = SamplingParams(temperature=0.0, max_tokens=32, ignore_eos=True)
+
+    def mean_len(batch):
+        outs = llm.generate([{"prompt_token_ids": p} for p in batch], params, use_tqdm=False)
+        steps = [x for o in outs for x in (o.outputs[0].spec_decode_metrics.per_step_drafted or [])[2:]]
+        return sum(steps) / len(steps)
+
+    alone = mean_len(prompts[:1])
+    crowded = mean_len(prompts)
+    assert crowded < alone, (alone, crowded)
+
+
+def test_bad_calibration_and_profile_files_fail_clearly(fixture_paths, serve_files, tmp_path):
+    import dspark_vllm
+    from vllm import LLM
+
+    wrong_block = tmp_path / "cal5.json"
+    wrong_block.write_text(json.dumps({"version": 1, "block_size": 5, "temperatures": [1.0] * 5}))
+    # vLLM wraps errors raised while it builds its config; the message is ours.
+    with pytest.raises(Exception, match="is for block_size 5 but the draft checkpoint has block_size 7"):
+        LLM(model=fixture_paths["target"], **COMMON,
+            **dspark_vllm.engine_kwargs(fixture_paths["dspark"], verification="sync",
+                                        calibration=str(wrong_block)))
+    bad_profile = tmp_path / "sps.json"
+    bad_profile.write_text(json.dumps({"version": 1, "model": "m", "hardware": "h", "settings_key": "k",
+                                       "created": "now", "table": [{"tokens": 4, "sps": -1.0}]}))
+    with pytest.raises(Exception, match=r"table\[0\]\.sps must be > 0"):
+        LLM(model=fixture_paths["target"], **COMMON,
+            **dspark_vllm.engine_kwargs(fixture_paths["dspark"], verification="sync",
+                                        sps_profile=str(bad_profile)))
