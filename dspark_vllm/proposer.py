@@ -12,7 +12,7 @@ from dataclasses import dataclass
 
 import torch
 
-from .model.dspark import AttendFn, DSparkDraftModel
+from .model.dspark import AttendFn, DSparkDraftModel, dense_block_attention
 from .sampling import SamplingRows, process_logits, sample
 
 
@@ -68,3 +68,26 @@ def draft_block(
     conf_logits = model.confidence_logits(hidden[:, :num_tokens], prev_tokens)
     confidences = None if conf_logits is None else torch.sigmoid(conf_logits)
     return Drafts(tokens, probs, confidences, conf_logits)
+
+
+@torch.inference_mode()
+def draft_rounds(model: DSparkDraftModel, features: torch.Tensor, text: torch.Tensor, anchors: torch.Tensor,
+                 temperature: float = 0.0) -> Drafts:
+    """Dense reference: one drafting round per anchor position of one sequence.
+
+    The context of an anchor at position p is the target features of positions
+    < p, attended densely (`dense_block_attention`); serving gets the same
+    rounds from vLLM's paged cache.
+
+    features [L, F], text [L], anchors [B] positions. Returns Drafts (K = block_size).
+    """
+    K = model.config.block_size
+    ctx = int(anchors.max())
+    fused = model.fuse_target_features(features[:ctx])
+    kv = model.context_keys_values(fused, torch.arange(ctx, device=text.device))
+    B = anchors.shape[0]
+    ctx_k = [k.expand(B, *k.shape) for k, _ in kv]
+    ctx_v = [v.expand(B, *v.shape) for _, v in kv]
+    attend = dense_block_attention(ctx_k, ctx_v, anchors, K)
+    sampling = SamplingRows(torch.full((B,), float(temperature), device=text.device))
+    return draft_block(model, text[anchors], anchors, attend, K, sampling)

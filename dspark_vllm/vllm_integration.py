@@ -169,6 +169,9 @@ class DSparkProposer:
         # req_id -> (verified drafts, their q rows or None, calibrated survival a_k or None)
         self.pending: dict[str, tuple[list[int], torch.Tensor | None, list[float] | None]] = {}
         self.last_confidences: dict[str, list[float]] = {}
+        # Each request's latest drafting round (the last 1024 requests), for checks
+        # against the dense reference; kept after a request finishes.
+        self.last_round: dict[str, dict] = {}
         self.shared: list[str] = []  # draft weights that alias the target's
 
     def load_model(self, target_model) -> None:
@@ -244,6 +247,13 @@ class DSparkProposer:
         """
         return [int(x) for x in self.policy.lengths(confidences, self.num_tokens, num_drafting,
                                                     other_tokens=other_tokens, profile=self.profile)]
+
+    def remember_round(self, rounds: dict[str, dict], keep: int = 1024) -> None:
+        for req_id, info in rounds.items():
+            self.last_round.pop(req_id, None)
+            self.last_round[req_id] = info
+        for req_id in list(self.last_round)[:-keep]:
+            del self.last_round[req_id]
 
     def forget(self, req_id: str) -> None:
         self.pending.pop(req_id, None)
@@ -356,6 +366,11 @@ class DSparkRunnerMixin:
             drafter.pending[req_ids[i]] = (drafts[i], probs, None if survival is None else survival[j][:L])
             if confidences is not None:
                 drafter.last_confidences[req_ids[i]] = confidences[j].tolist()
+        conf_logits = None if out.confidence_logits is None else out.confidence_logits.tolist()
+        drafter.remember_round({
+            req_ids[i]: {"anchor": anchors[j], "anchor_position": anchor_pos[j], "tokens": tokens[j],
+                         "confidence_logits": None if conf_logits is None else conf_logits[j]}
+            for j, i in enumerate(rows)})
         drafter.stats.record_drafts(len(rows), drafter.num_tokens, lengths)
         self._dspark_end_step(n)
         return drafts
@@ -604,7 +619,11 @@ class DSparkCPUModelRunner(DSparkRunnerMixin, CPUModelRunner):
 
 
 class DSparkWorkerRPC:
-    """Worker methods reachable with `llm.collective_rpc("dspark_info")`."""
+    """Worker methods reachable with `llm.collective_rpc("dspark_info")` (or "dspark_last_round")."""
+
+    def dspark_last_round(self) -> dict:
+        """The latest drafting round: req_id -> anchor, its position, drafted tokens, confidence logits."""
+        return self.model_runner.drafter.last_round
 
     def dspark_info(self) -> dict:
         drafter = self.model_runner.drafter

@@ -42,10 +42,9 @@ from dspark_vllm.calibration import (calibration_from_fit, cumulative_survival, 
                                      reliability_diagram, save_calibration)
 from dspark_vllm.model.checkpoint import TargetInfo, load_draft_model, validate_checkpoint
 from dspark_vllm.model.config import DSparkConfigError
-from dspark_vllm.model.dspark import dense_block_attention
 from dspark_vllm.prompts import load_turns, prompt_token_ids
-from dspark_vllm.proposer import draft_block
-from dspark_vllm.sampling import GREEDY_EPS, SamplingRows
+from dspark_vllm.proposer import draft_rounds
+from dspark_vllm.sampling import GREEDY_EPS
 from dspark_vllm.training.target import target_features, target_logits
 
 
@@ -86,25 +85,6 @@ def generate(target, prompt: list[int], max_tokens: int, temperature: float, eos
         out = target(input_ids=torch.tensor([[token]], device=target.device),
                      past_key_values=out.past_key_values, use_cache=True)
     return tokens
-
-
-@torch.inference_mode()
-def draft_rounds(model, features: torch.Tensor, text: torch.Tensor, anchors: torch.Tensor,
-                 temperature: float):
-    """One drafting round per anchor position; context = features before the anchor.
-
-    features [L, F], text [L], anchors [B] positions. Returns Drafts (K = block_size).
-    """
-    K = model.config.block_size
-    ctx = int(anchors.max())
-    fused = model.fuse_target_features(features[:ctx])
-    kv = model.context_keys_values(fused, torch.arange(ctx, device=text.device))
-    B = anchors.shape[0]
-    ctx_k = [k.expand(B, *k.shape) for k, _ in kv]
-    ctx_v = [v.expand(B, *v.shape) for _, v in kv]
-    attend = dense_block_attention(ctx_k, ctx_v, anchors, K)
-    sampling = SamplingRows(torch.full((B,), float(temperature), device=text.device))
-    return draft_block(model, text[anchors], anchors, attend, K, sampling)
 
 
 def greedy_survival(drafts: torch.Tensor, text: torch.Tensor, anchors: torch.Tensor):

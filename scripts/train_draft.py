@@ -38,12 +38,15 @@ def parse_args(argv=None):
     ap.add_argument("--checkpoint-every", type=int, default=500)
     ap.add_argument("--resume", action="store_true")
     ap.add_argument("--ray-workers", type=int, default=0, help="Ray Train DDP workers (0: this process only)")
+    ap.add_argument("--save-dtype", choices=["float32", "bfloat16"], default="float32",
+                    help="dtype of the final checkpoint's weights (bfloat16 halves its size)")
     return ap.parse_args(argv)
 
 
 def main(argv=None):
     a = vars(parse_args(argv))
     workers = a.pop("ray_workers")
+    save_dtype = a.pop("save_dtype")
     if a["target_layer_ids"]:
         a["target_layer_ids"] = [int(x) for x in a["target_layer_ids"].split(",")]
     try:
@@ -56,6 +59,13 @@ def main(argv=None):
         result = train_ray(cfg, workers)
     else:
         result = train(cfg)
+    if save_dtype != "float32":
+        import torch
+
+        from dspark_vllm.model.checkpoint import load_draft_model, save_checkpoint
+
+        model = load_draft_model(result.checkpoint, dtype=getattr(torch, save_dtype))
+        save_checkpoint(model, result.checkpoint)
     print(json.dumps({"checkpoint": str(result.checkpoint), **result.metrics}, indent=2))
 
 
