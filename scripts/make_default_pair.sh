@@ -19,7 +19,7 @@ DRAFT_STEPS=${DRAFT_STEPS:-600}
 mkdir -p "$WORK"
 
 if [ -z "${SKIP_TARGET:-}" ]; then
-  "$PY" scripts/train_target.py --out "$OUT/target" --seed 0
+  "$PY" scripts/train_target.py --out "$OUT/target" --steps 1200 --seed 0 --threads 1
 fi
 
 # Training data: the target writes the answers (sampled, T=0.7) to 1200 train prompts.
