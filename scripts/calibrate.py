@@ -160,7 +160,9 @@ def load_models(args):
             f"{args.draft}/config.json: 'enable_confidence_head' is false: this drafter has no "
             f"confidence head, so there is nothing to calibrate.")
     model = load_draft_model(args.draft, dtype=dtype, device=args.device)
-    eos = {t for t in (tokenizer.eos_token_id, target.generation_config.eos_token_id) if t is not None}
+    gen_eos = target.generation_config.eos_token_id
+    gen_eos = gen_eos if isinstance(gen_eos, list) else [gen_eos]  # one id or a list of ids
+    eos = {t for t in (tokenizer.eos_token_id, *gen_eos) if t is not None}
     eos = {int(x) for t in eos for x in (t if isinstance(t, list) else [t])}
     return tokenizer, target, model, eos
 
