@@ -17,7 +17,7 @@ import torch
 
 from .model.checkpoint import save_checkpoint
 from .model.config import DSparkConfig
-from .model.dspark import DSparkDraftModel
+from .model.dspark import DSparkDraftModel, init_draft
 
 SPECIAL_TOKENS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<|mask|>"]
 CHAT_TEMPLATE = (
@@ -115,21 +115,12 @@ def draft_config_for(target_cfg, block_size: int = 7, num_layers: int = 2, marko
 
 
 def init_draft_from_target(cfg: DSparkConfig, target_model, seed: int = 0, std: float = 0.02) -> DSparkDraftModel:
-    torch.manual_seed(seed)
-    draft = DSparkDraftModel(cfg)
-    with torch.no_grad():
-        for name, p in draft.named_parameters():
-            if name.endswith("norm.weight"):
-                p.fill_(1.0)
-            elif name.endswith(".bias"):
-                p.zero_()
-            else:
-                p.normal_(0.0, std)
-        if draft.confidence_head is not None:  # spread confidences so lengths vary
+    draft = init_draft(cfg, target_model.get_input_embeddings().weight,
+                       target_model.get_output_embeddings().weight, seed, std)
+    if draft.confidence_head is not None:  # spread confidences so lengths vary
+        with torch.no_grad():
             w = draft.confidence_head.proj.weight
             w.normal_(0.0, 2.0 / w.shape[1] ** 0.5)
-        draft.embed_tokens.weight.copy_(target_model.get_input_embeddings().weight)
-        draft.lm_head.weight.copy_(target_model.get_output_embeddings().weight)
     return draft
 
 

@@ -212,6 +212,25 @@ class DSparkDraftModel(nn.Module):
         return self.confidence_head(feats).float()
 
 
+def init_draft(cfg: DSparkConfig, embed: torch.Tensor, lm_head: torch.Tensor, seed: int,
+               std: float = 0.02) -> DSparkDraftModel:
+    """DeepSpec's initialisation: N(0, std) weights, zero biases, unit norms, and
+    copies of the target's embedding and LM head."""
+    torch.manual_seed(seed)
+    model = DSparkDraftModel(cfg)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name.endswith("norm.weight"):
+                p.fill_(1.0)
+            elif name.endswith(".bias"):
+                p.zero_()
+            else:
+                p.normal_(0.0, std)
+        model.embed_tokens.weight.copy_(embed)
+        model.lm_head.weight.copy_(lm_head)
+    return model
+
+
 def dense_block_attention(ctx_k, ctx_v, ctx_len: torch.Tensor, block_size: int) -> AttendFn:
     """Reference attention: each request's block attends to its own context and block.
 

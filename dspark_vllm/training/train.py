@@ -35,6 +35,7 @@ from tqdm import tqdm
 from ..model.checkpoint import save_checkpoint
 from ..model.config import DSparkConfig
 from ..model.dspark import DSparkDraftModel
+from ..model.dspark import init_draft as init_weights
 from .blocks import block_forward, block_labels, sample_anchors
 from .data import TrainingData
 from .loss import AcceptanceStats, LossWeights, dspark_loss, warmup_cosine, weight_sum
@@ -180,19 +181,8 @@ def draft_config(cfg: TrainConfig, data: TrainingData) -> DSparkConfig:
 
 def init_draft(dcfg: DSparkConfig, embed: torch.Tensor, lm_head: torch.Tensor, seed: int,
                std: float = 0.02) -> DSparkDraftModel:
-    """DeepSpec's init: N(0, std) weights, zero biases, unit norms; frozen target embed / LM head."""
-    torch.manual_seed(seed)
-    model = DSparkDraftModel(dcfg)
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if name.endswith("norm.weight"):
-                p.fill_(1.0)
-            elif name.endswith(".bias"):
-                p.zero_()
-            else:
-                p.normal_(0.0, std)
-        model.embed_tokens.weight.copy_(embed)
-        model.lm_head.weight.copy_(lm_head)
+    """DeepSpec's init (model.dspark.init_draft) with the target's embed / LM head frozen."""
+    model = init_weights(dcfg, embed, lm_head, seed, std)
     model.embed_tokens.weight.requires_grad_(False)
     model.lm_head.weight.requires_grad_(False)
     return model
