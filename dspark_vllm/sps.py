@@ -58,6 +58,11 @@ class SPSProfile(BaseModel):
     settings: dict[str, Any] = Field(default_factory=dict)
     created: str
     table: list[SPSPoint] = Field(min_length=1)
+    # "step": a batch costs what the next measured size costs (engines that pad
+    # to buckets, e.g. CUDA graphs). "linear": step time interpolated between
+    # measured sizes (eager engines, the CPU: no padding, so stairs between
+    # sparse measurements would be artefacts that stop Algorithm 1 early).
+    shape: Literal["step", "linear"] = "step"
 
     @model_validator(mode="after")
     def _sorted(self):
@@ -78,11 +83,12 @@ class SPSProfile(BaseModel):
     def sps_many(self, tokens: torch.Tensor) -> torch.Tensor:
         """SPS at each batch size in `tokens` (int tensor) as float64, on the CPU.
 
-        Between measured sizes: the value of the next measured size >= B. A
+        Between measured sizes (shape "step"): the value of the next measured size >= B. A
         batch of B tokens is padded to a bucket (a CUDA graph size, a kernel
         tile) and costs what that bucket costs, so the curve is a staircase
-        and we never interpolate across a cliff. Below the first measured size:
-        the first value.
+        and we never interpolate across a cliff. Shape "linear" (eager engines)
+        interpolates step time instead. Below the first measured size: the
+        first value.
 
         Beyond the last measured size: linear in time per step, 1/SPS, with the
         slope of the last measured segment (never negative: a noisy last segment
@@ -92,7 +98,14 @@ class SPSProfile(BaseModel):
         b = tokens.to(device="cpu", dtype=torch.long)
         sizes = torch.tensor([p.tokens for p in self.table])
         sps = torch.tensor([p.sps for p in self.table], dtype=torch.float64)
-        inside = sps[torch.searchsorted(sizes, b).clamp(max=len(sizes) - 1)]
+        idx = torch.searchsorted(sizes, b).clamp(max=len(sizes) - 1)
+        inside = sps[idx]
+        if self.shape == "linear" and len(sizes) > 1:
+            lo = (idx - 1).clamp(min=0)
+            t_lo, t_hi = 1.0 / sps[lo], 1.0 / sps[idx]
+            span = (sizes[idx] - sizes[lo]).clamp(min=1).double()
+            frac = ((b - sizes[lo]).double() / span).clamp(0, 1)
+            inside = 1.0 / (t_lo + frac * (t_hi - t_lo))
         t_last, b_last = 1.0 / sps[-1], sizes[-1].double()
         if len(sizes) > 1:
             slope = ((t_last - 1.0 / sps[-2]) / (b_last - sizes[-2])).clamp(min=0)
@@ -118,6 +131,24 @@ class SPSProfile(BaseModel):
         path.parent.mkdir(parents=True, exist_ok=True)
         path.write_text(self.model_dump_json(indent=2) + "\n")
         return path
+
+
+class WithOverhead:
+    """A profile's SPS(B) with a fixed per-step overhead added to its step time.
+
+    The profile times the target and draft forwards; a served step also pays
+    for scheduling, sampling, verification and bookkeeping. The runner measures
+    that gap on finished steps and hands the policies 1 / (1/SPS(B) + overhead).
+    """
+
+    def __init__(self, profile: SPSProfile, overhead_s: float):
+        self.profile, self.overhead_s = profile, max(0.0, overhead_s)
+
+    def sps_many(self, tokens: torch.Tensor) -> torch.Tensor:
+        return 1.0 / (1.0 / self.profile.sps_many(tokens) + self.overhead_s)
+
+    def sps(self, tokens: int) -> float:
+        return float(self.sps_many(torch.tensor([tokens]))[0])
 
 
 # ---------------------------------------------------------------- building, loading
@@ -168,7 +199,7 @@ def _validated(data: Any, source: str, json_text: bool = False) -> SPSProfile:
         raise DSparkConfigError(f"{source}: {_explain(e.errors()[0])}; re-profile or fix the file.") from None
 
 
-def make_profile(points, model: str, hardware: str, settings: dict) -> SPSProfile:
+def make_profile(points, model: str, hardware: str, settings: dict, shape: str = "step") -> SPSProfile:
     """A profile from measurements: `points` is {tokens: sps} or [(tokens, sps), ...]."""
     pairs = sorted(dict(points).items())
     return _validated(
@@ -179,6 +210,7 @@ def make_profile(points, model: str, hardware: str, settings: dict) -> SPSProfil
             "settings": settings,
             "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
             "table": [{"tokens": int(b), "sps": float(s)} for b, s in pairs],
+            "shape": shape,
         },
         "measured SPS profile",
     )
@@ -262,6 +294,6 @@ def synthetic_profile(kind: str = "steep", max_tokens: int = 512) -> SPSProfile:
 
 
 __all__ = [
-    "SPSPoint", "SPSProfile", "make_profile", "load_profile", "cache_key", "cache_path",
+    "SPSPoint", "SPSProfile", "WithOverhead", "make_profile", "load_profile", "cache_key", "cache_path",
     "measure_sizes", "synthetic_profile", "PROFILE_VERSION",
 ]

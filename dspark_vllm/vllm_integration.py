@@ -162,6 +162,7 @@ class DSparkProposer:
             self.temperatures = load_calibration(self.options.calibration,
                                                  self.draft_config.block_size).temperatures
         self.profile = None  # SPSProfile, set by the runner before serving
+        self.step_overhead_s = 0.0  # running mean of measured - profiled step time
         self.stats = EngineStats(policy=self.policy.name, block_size=self.num_tokens)
         self.model = None
         self.attn_layers: list = []
@@ -245,8 +246,9 @@ class DSparkProposer:
         other_tokens: tokens of the same forward pass the policy does not
         schedule (requests that did not draft this round), counted into B.
         """
+        profile = None if self.profile is None else sps_profile.WithOverhead(self.profile, self.step_overhead_s)
         return [int(x) for x in self.policy.lengths(confidences, self.num_tokens, num_drafting,
-                                                    other_tokens=other_tokens, profile=self.profile)]
+                                                    other_tokens=other_tokens, profile=profile)]
 
     def remember_round(self, rounds: dict[str, dict], keep: int = 1024) -> None:
         for req_id, info in rounds.items():
@@ -385,8 +387,13 @@ class DSparkRunnerMixin:
         drafter: DSparkProposer = self.drafter
         start = getattr(self, "_dspark_step_start", None)
         if start is not None:
+            measured = time.perf_counter() - start
             profiled = None if drafter.profile is None else 1.0 / drafter.profile.sps(num_scheduled_tokens)
-            drafter.stats.record_step_time(time.perf_counter() - start, profiled)
+            drafter.stats.record_step_time(measured, profiled)
+            if profiled is not None:
+                # What the profile does not see (sampling, verification, bookkeeping), learned
+                # from finished steps only: it never depends on the drafts being scheduled.
+                drafter.step_overhead_s += 0.1 * (max(0.0, measured - profiled) - drafter.step_overhead_s)
             self._dspark_step_start = None
         if drafter.options.metrics_path:
             drafter.stats.publish(drafter.options.metrics_path)
@@ -405,7 +412,7 @@ class DSparkRunnerMixin:
             settings = {"max_num_batched_tokens": max_tokens, "dtype": str(self.model_config.dtype),
                         "block_size": drafter.draft_config.block_size, "draft": opts.draft_model,
                         "enforce_eager": self.model_config.enforce_eager,
-                        "threads": torch.get_num_threads(), "vllm": _vllm_version()}
+                        "threads": torch.get_num_threads(), "vllm": _vllm_version(), "profile_format": 3}
             cache_dir = opts.sps_cache_dir or os.path.expanduser("~/.cache/dspark_vllm/sps")
             path = sps_profile.cache_path(cache_dir, self.model_config.model, _hardware_name(self.device),
                                           settings)
@@ -434,9 +441,17 @@ class DSparkRunnerMixin:
             _time_draft_block(drafter, num_reqs, gamma, self.device)
             target_s = _best_time(lambda: self._dummy_run(B))
             draft_s = _best_time(lambda: _time_draft_block(drafter, num_reqs, gamma, self.device))
-            points[B] = 1.0 / (target_s + draft_s)
+            points[B] = target_s + draft_s
+        # A bigger batch never takes less time; a dip is timing noise, and noise
+        # in the curve stops Algorithm 1's early stop at the wrong place.
+        slowest = 0.0
+        for B in sorted(points):
+            slowest = max(slowest, points[B])
+            points[B] = 1.0 / slowest
+        # Eager engines (the CPU) do not pad batches to buckets: interpolate between sizes.
+        shape = "linear" if self.device.type == "cpu" or self.model_config.enforce_eager else "step"
         return sps_profile.make_profile(points, self.model_config.model, _hardware_name(self.device),
-                                        settings)
+                                        settings, shape=shape)
 
     def _paged_block_attention(self, builder, block_table, block_size, anchor_pos, gamma):
         """attend() for draft blocks whose context K/V sit in vLLM's paged cache.

@@ -458,3 +458,27 @@ def test_make_policy():
         make_policy("threshold", {"threshold": 2})
     with pytest.raises(DSparkConfigError, match="async_delay=0"):
         make_policy("async", {"async_delay": 0}, profile)
+
+
+def test_step_overhead_makes_verification_cheaper_relatively():
+    """A fixed per-step cost the profile misses flattens SPS(B): Algorithm 1 then verifies more."""
+    from dspark_vllm.sps import WithOverhead
+
+    profile = synthetic_profile("steep", 512)
+    conf = torch.full((16, 7), 0.8)
+    policy = SyncPolicy()
+    bare = policy.lengths(conf, 7, 16, profile=profile).sum()
+    padded = policy.lengths(conf, 7, 16, profile=WithOverhead(profile, 1.0)).sum()
+    assert padded > bare
+    assert WithOverhead(profile, 0.0).sps(40) == pytest.approx(profile.sps(40))
+    assert 1 / WithOverhead(profile, 0.05).sps(40) == pytest.approx(1 / profile.sps(40) + 0.05)
+
+
+def test_linear_profile_interpolates_step_time_for_eager_engines():
+    from dspark_vllm.sps import make_profile
+
+    step = make_profile({1: 100.0, 11: 50.0}, "m", "h", {})
+    linear = make_profile({1: 100.0, 11: 50.0}, "m", "h", {}, shape="linear")
+    assert 1 / step.sps(6) == pytest.approx(0.02)  # padded to the next measured size
+    assert 1 / linear.sps(6) == pytest.approx(0.015)  # halfway in step time
+    assert linear.sps(1) == step.sps(1) == 100.0 and linear.sps(11) == step.sps(11) == 50.0
