@@ -32,10 +32,13 @@ def load_turns(path: str | Path, limit: int | None = None) -> list[str]:
     return turns
 
 
-def prompt_token_ids(tokenizer, turn: str, raw: bool = False) -> list[int]:
-    """Token ids for one first turn: raw text, or the chat template's generation prompt."""
+def prompt_token_ids(tokenizer, turn: str, raw: bool = False, **template_kwargs) -> list[int]:
+    """Token ids for one first turn: raw text, or the chat template's generation prompt.
+
+    template_kwargs go to the chat template (e.g. enable_thinking for Qwen3).
+    """
     if raw or not tokenizer.chat_template:
         return tokenizer(turn).input_ids
     text = tokenizer.apply_chat_template([{"role": "user", "content": turn}],
-                                         add_generation_prompt=True, tokenize=False)
+                                         add_generation_prompt=True, tokenize=False, **template_kwargs)
     return tokenizer(text, add_special_tokens=False).input_ids  # the template has the specials

@@ -56,6 +56,8 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 from tqdm import tqdm
 
+from ..prompts import load_turns
+from ..prompts import prompt_token_ids as turn_token_ids
 from .target import target_features
 
 FORMAT_VERSION = 1
@@ -123,39 +125,22 @@ def load_prompts(files: list[str], max_prompts: int | None = None) -> list[str]:
     """First turns of JSONL records {"turns": [...]}, files in order."""
     prompts = []
     for f in files:
-        for n, line in enumerate(Path(f).read_text().splitlines(), 1):
-            if not line.strip():
-                continue
-            try:
-                turns = json.loads(line)["turns"]
-            except (json.JSONDecodeError, KeyError, TypeError):
-                raise ValueError(
-                    f"{f}:{n}: expected a JSON object with a 'turns' list of strings, "
-                    f'e.g. {{"turns": ["first user turn"]}}.'
-                ) from None
-            if not turns or not isinstance(turns[0], str):
-                raise ValueError(f"{f}:{n}: 'turns' must be a non-empty list of strings.")
-            prompts.append(turns[0])
-            if max_prompts is not None and len(prompts) >= max_prompts:
-                return prompts
+        left = None if max_prompts is None else max_prompts - len(prompts)
+        if left == 0:
+            break
+        prompts += load_turns(f, left)
     return prompts
 
 
 def prompt_token_ids(tokenizer, prompts: list[str], chat_template: bool, enable_thinking: bool = False):
     """Token ids of each prompt: chat template with the generation prompt, or raw text."""
-    if not chat_template:
-        return [tokenizer(p).input_ids for p in prompts]
-    if not tokenizer.chat_template:
+    if chat_template and not tokenizer.chat_template:
         raise ValueError(
             "the target's tokenizer has no chat template: pass chat_template=False "
             "(--raw) to use the turns as raw text prompts."
         )
-    out = []
-    for p in prompts:
-        text = tokenizer.apply_chat_template([{"role": "user", "content": p}], tokenize=False,
-                                             add_generation_prompt=True, enable_thinking=enable_thinking)
-        out.append(tokenizer(text, add_special_tokens=False).input_ids)
-    return out
+    return [turn_token_ids(tokenizer, p, raw=not chat_template, enable_thinking=enable_thinking)
+            for p in prompts]
 
 
 # -- stage 2: answers -----------------------------------------------------------
