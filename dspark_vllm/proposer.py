@@ -72,14 +72,15 @@ def draft_block(
 
 @torch.inference_mode()
 def draft_rounds(model: DSparkDraftModel, features: torch.Tensor, text: torch.Tensor, anchors: torch.Tensor,
-                 temperature: float = 0.0) -> Drafts:
+                 temperature: float = 0.0, num_tokens: int | None = None) -> Drafts:
     """Dense reference: one drafting round per anchor position of one sequence.
 
     The context of an anchor at position p is the target features of positions
     < p, attended densely (`dense_block_attention`); serving gets the same
     rounds from vLLM's paged cache.
 
-    features [L, F], text [L], anchors [B] positions. Returns Drafts (K = block_size).
+    features [L, F], text [L], anchors [B] positions. Returns Drafts of
+    num_tokens slots (default: the whole block).
     """
     K = model.config.block_size
     ctx = int(anchors.max())
@@ -90,4 +91,4 @@ def draft_rounds(model: DSparkDraftModel, features: torch.Tensor, text: torch.Te
     ctx_v = [v.expand(B, *v.shape) for _, v in kv]
     attend = dense_block_attention(ctx_k, ctx_v, anchors, K)
     sampling = SamplingRows(torch.full((B,), float(temperature), device=text.device))
-    return draft_block(model, text[anchors], anchors, attend, K, sampling)
+    return draft_block(model, text[anchors], anchors, attend, num_tokens or K, sampling)

@@ -35,7 +35,7 @@ from .metrics import EngineStats, serve_metrics_from
 from .model.checkpoint import TargetInfo, load_draft_model, validate_checkpoint
 from .model.config import DSparkConfig
 from .policies import check_policy, make_policy
-from .proposer import draft_block
+from .proposer import draft_block, draft_rounds
 from .sampling import SamplingRows, process_logits
 from .verification import num_accepted, verify
 
@@ -63,12 +63,11 @@ def configure(vllm_config) -> None:
     if not uses_dspark(vllm_config):
         return
     options = options_from_additional_config(vllm_config.additional_config)
-    validate_checkpoint(
+    draft_config = validate_checkpoint(
         options.draft_model,
         TargetInfo.from_hf_config(vllm_config.model_config.hf_config),
         vllm_config.speculative_config.num_speculative_tokens,
     )
-    draft_config = DSparkConfig.from_pretrained(options.draft_model)
     if options.calibration:
         load_calibration(options.calibration, draft_config.block_size)
     if options.sps_profile:
@@ -169,7 +168,6 @@ class DSparkProposer:
         self.layer_names: list[str] = []
         # req_id -> (verified drafts, their q rows or None, calibrated survival a_k or None)
         self.pending: dict[str, tuple[list[int], torch.Tensor | None, list[float] | None]] = {}
-        self.last_confidences: dict[str, list[float]] = {}
         # Each request's latest drafting round (the last 1024 requests), for checks
         # against the dense reference; kept after a request finishes.
         self.last_round: dict[str, dict] = {}
@@ -259,7 +257,6 @@ class DSparkProposer:
 
     def forget(self, req_id: str) -> None:
         self.pending.pop(req_id, None)
-        self.last_confidences.pop(req_id, None)
 
 
 # ---------------------------------------------------------------------------
@@ -366,8 +363,6 @@ class DSparkRunnerMixin:
             drafts[i] = tokens[j][:L]
             probs = None if out.probs is None or bool(rows_sampling.is_greedy[j]) else out.probs[j, :L]
             drafter.pending[req_ids[i]] = (drafts[i], probs, None if survival is None else survival[j][:L])
-            if confidences is not None:
-                drafter.last_confidences[req_ids[i]] = confidences[j].tolist()
         conf_logits = None if out.confidence_logits is None else out.confidence_logits.tolist()
         drafter.remember_round({
             req_ids[i]: {"anchor": anchors[j], "anchor_position": anchor_pos[j], "tokens": tokens[j],
@@ -433,14 +428,13 @@ class DSparkRunnerMixin:
         block for the number of requests that B tokens of full blocks imply.
         """
         drafter: DSparkProposer = self.drafter
-        gamma = drafter.draft_config.block_size
         points = {}
         for B in sps_profile.measure_sizes(max_tokens):
             num_reqs = max(1, B // (drafter.num_tokens + 1))
             self._dummy_run(B)
-            _time_draft_block(drafter, num_reqs, gamma, self.device)
+            _time_draft_block(drafter, num_reqs)
             target_s = _best_time(lambda: self._dummy_run(B))
-            draft_s = _best_time(lambda: _time_draft_block(drafter, num_reqs, gamma, self.device))
+            draft_s = _best_time(lambda: _time_draft_block(drafter, num_reqs))
             points[B] = target_s + draft_s
         # A bigger batch never takes less time; a dip is timing noise, and noise
         # in the curve stops Algorithm 1's early stop at the wrong place.
@@ -511,22 +505,14 @@ def _best_time(fn, repeats: int = 3) -> float:
     return best
 
 
-@torch.inference_mode()
-def _time_draft_block(drafter, num_reqs: int, gamma: int, device, context: int = 16) -> None:
+def _time_draft_block(drafter, num_reqs: int, context: int = 16) -> None:
     """One draft block for num_reqs requests over a short dense context (for profiling)."""
-    from .model.dspark import dense_block_attention
-
-    model, cfg = drafter.model, drafter.draft_config
-    dtype = model.fc.weight.dtype
-    feats = torch.zeros(num_reqs * context, cfg.fc_in_features, device=device, dtype=dtype)
-    pos = torch.arange(context, device=device).repeat(num_reqs)
-    kv = model.context_keys_values(model.fuse_target_features(feats), pos)
-    ctx_k = [k.view(num_reqs, context, *k.shape[1:]) for k, _ in kv]
-    ctx_v = [v.view(num_reqs, context, *v.shape[1:]) for _, v in kv]
-    attend = dense_block_attention(ctx_k, ctx_v, torch.full((num_reqs,), context, device=device), gamma)
-    anchors = torch.zeros(num_reqs, dtype=torch.long, device=device)
-    draft_block(model, anchors, torch.full_like(anchors, context), attend, drafter.num_tokens,
-                SamplingRows(torch.zeros(num_reqs)))
+    cfg = drafter.draft_config
+    device, dtype = drafter.model.fc.weight.device, drafter.model.fc.weight.dtype
+    features = torch.zeros(context + 1, cfg.fc_in_features, device=device, dtype=dtype)
+    text = torch.zeros(context + 1, dtype=torch.long, device=device)
+    draft_rounds(drafter.model, features, text, torch.full((num_reqs,), context, device=device),
+                 num_tokens=drafter.num_tokens)
 
 
 # ---------------------------------------------------------------------------
@@ -633,8 +619,14 @@ class DSparkCPUModelRunner(DSparkRunnerMixin, CPUModelRunner):
         self._dspark_setup()
 
 
-class DSparkWorkerRPC:
-    """Worker methods reachable with `llm.collective_rpc("dspark_info")` (or "dspark_last_round")."""
+class DSparkWorkerMixin:
+    """What both DSpark workers add: the cost profile after warm-up, and methods
+    reachable with `llm.collective_rpc("dspark_info")` (or "dspark_last_round")."""
+
+    def compile_or_warm_up_model(self):
+        times = super().compile_or_warm_up_model()
+        self.model_runner.dspark_load_or_measure_profile()
+        return times
 
     def dspark_last_round(self) -> dict:
         """The latest drafting round: req_id -> anchor, its position, drafted tokens, confidence logits."""
@@ -648,12 +640,7 @@ class DSparkWorkerRPC:
                 "sps_profile": None if drafter.profile is None else drafter.profile.model_dump()}
 
 
-class DSparkCPUWorker(DSparkWorkerRPC, CPUWorker):
-    def compile_or_warm_up_model(self):
-        times = super().compile_or_warm_up_model()
-        self.model_runner.dspark_load_or_measure_profile()
-        return times
-
+class DSparkCPUWorker(DSparkWorkerMixin, CPUWorker):
     def init_device(self):
         # CPUWorker.init_device builds `CPUModelRunner` from its module's
         # namespace; pointing that name at ours builds the runner once.
@@ -665,7 +652,7 @@ class DSparkCPUWorker(DSparkWorkerRPC, CPUWorker):
             super().init_device()
 
 
-class DSparkGPUWorker(DSparkWorkerRPC, Worker):
+class DSparkGPUWorker(DSparkWorkerMixin, Worker):
     """CUDA worker (V1 runner). Written to the same contract; not run on CPU CI."""
 
     def _make_model_runner(self):
@@ -677,8 +664,3 @@ class DSparkGPUWorker(DSparkWorkerRPC, Worker):
                 self._dspark_setup()
 
         return DSparkGPUModelRunner(self.vllm_config, self.device)
-
-    def compile_or_warm_up_model(self):
-        times = super().compile_or_warm_up_model()
-        self.model_runner.dspark_load_or_measure_profile()
-        return times
