@@ -22,6 +22,7 @@ is > 0. Lookups keep the step shape of the real curve (see `SPSProfile.sps`).
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import re
@@ -80,6 +81,12 @@ class SPSProfile(BaseModel):
     def max_tokens(self) -> int:
         return self.table[-1].tokens
 
+    @functools.cached_property
+    def _columns(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """The table as tensors (sizes, sps), built once: sps_many runs every engine step."""
+        return (torch.tensor([p.tokens for p in self.table]),
+                torch.tensor([p.sps for p in self.table], dtype=torch.float64))
+
     def sps_many(self, tokens: torch.Tensor) -> torch.Tensor:
         """SPS at each batch size in `tokens` (int tensor) as float64, on the CPU.
 
@@ -96,8 +103,7 @@ class SPSProfile(BaseModel):
         to B (the compute-bound assumption).
         """
         b = tokens.to(device="cpu", dtype=torch.long)
-        sizes = torch.tensor([p.tokens for p in self.table])
-        sps = torch.tensor([p.sps for p in self.table], dtype=torch.float64)
+        sizes, sps = self._columns
         idx = torch.searchsorted(sizes, b).clamp(max=len(sizes) - 1)
         inside = sps[idx]
         if self.shape == "linear" and len(sizes) > 1:
