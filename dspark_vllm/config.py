@@ -45,7 +45,10 @@ class DSparkOptions(BaseModel):
     sps_profile: str | None = None
     # Where measured SPS tables are cached (default ~/.cache/dspark_vllm/sps).
     sps_cache_dir: str | None = None
-    # Where the engine publishes its DSpark metrics; filled in by the plugin.
+    # Break-even guard (sync / async, or any policy given an sps_profile): skip the
+    # drafter in steps where speculation is not expected to beat plain decoding.
+    break_even: bool = True
+    # Where the engine keeps its DSpark counters (shared memory); filled in by the plugin.
     metrics_path: str | None = None
 
 

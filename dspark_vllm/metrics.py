@@ -1,12 +1,15 @@
 """DSpark's serving metrics: what the scheduler decided and how it turned out.
 
-The numbers are gathered where they happen, in the engine's worker process
-(`EngineStats`), and published as one small JSON file that is replaced
-atomically after every step. The process that serves `/metrics` (the API
-server, or the `vllm.LLM` process for `llm.get_metrics()`) registers a
-Prometheus collector (`DSparkCollector`) that reads the file at scrape time,
-so the metrics sit on vLLM's own `/metrics` next to vLLM's, without going
-through vLLM's private stats objects.
+The numbers are counted where they happen, in the engine's worker process
+(`EngineStats`), directly in a small shared-memory array (a memory-mapped file
+under /dev/shm where it exists): recording a step is a few in-memory additions,
+with no file write and no serialisation on the step's path. The process that
+serves `/metrics` (the API server, or the `vllm.LLM` process for
+`llm.get_metrics()`) registers a Prometheus collector (`DSparkCollector`) that
+copies the array at scrape time, so the metrics sit on vLLM's own `/metrics`
+next to vLLM's, are never behind the last finished step, and go through no
+private vLLM stats object. A sequence counter (a seqlock) lets the reader
+detect and retry a copy taken while a step was writing.
 
 Per draft position k (1-based, like the paper):
 - drafted:   slots the drafter proposed;
@@ -15,97 +18,143 @@ Per draft position k (1-based, like the paper):
 - predicted: sum of the calibrated cumulative survival a_k of verified slots.
 So `predicted / verified` vs `accepted / verified` compares the confidence
 head's promise with what happened (a running calibration error is their gap).
-Per step: the verification budget (draft tokens verified), the measured step
-time and the step time the engine cost profile predicted, 1 / SPS(B).
+Per step: whether the drafter ran (the break-even guard may skip it), the
+verification budget (draft tokens verified), the measured step time and the
+step time the engine cost model predicted.
 """
 
 from __future__ import annotations
 
-import json
+import atexit
 import os
+import tempfile
 import time
-from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
+import numpy as np
+
+from .policies import POLICIES
+
 BUDGET_BUCKETS = (0, 1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024)
+_SCALARS = ("steps", "drafting_steps", "budget_sum", "step_time_sum", "profiled_step_time_sum",
+            "profiled_steps")
+_HEADER = ("seq", "num_positions", "policy")
+_PER_POSITION = ("drafted", "verified", "accepted", "predicted")
 
 
-@dataclass
+def default_metrics_path() -> Path:
+    """A fresh file name in shared memory (or the temp dir where there is none)."""
+    root = Path("/dev/shm") if Path("/dev/shm").is_dir() else Path(tempfile.gettempdir())
+    return root / f"dspark-vllm-metrics-{os.getpid()}-{time.time_ns()}.bin"
+
+
+def _layout(num_positions: int) -> dict[str, slice]:
+    """Field name -> slice of the float64 array."""
+    sizes = [(name, 1) for name in _HEADER + _SCALARS] + [("budget_buckets", len(BUDGET_BUCKETS))]
+    sizes += [(name, num_positions) for name in _PER_POSITION]
+    out, start = {}, 0
+    for name, n in sizes:
+        out[name] = slice(start, start + n)
+        start += n
+    return out
+
+
 class EngineStats:
-    """Cumulative counters of one engine (worker rank 0)."""
+    """Cumulative counters of one engine (the worker of TP rank 0), in a float64 array.
 
-    policy: str
-    block_size: int
-    drafted: list[int] = field(default_factory=list)
-    verified: list[int] = field(default_factory=list)
-    accepted: list[int] = field(default_factory=list)
-    predicted: list[float] = field(default_factory=list)
-    steps: int = 0
-    budget_sum: int = 0
-    budget_buckets: list[int] = field(default_factory=lambda: [0] * len(BUDGET_BUCKETS))
-    step_time_sum: float = 0.0
-    profiled_step_time_sum: float = 0.0
-    profiled_steps: int = 0
+    `path`: the shared file to keep the array in (None: private memory, for
+    tests and workers whose counters nobody reads). Every field is a numpy
+    view: `stats.verified[k]`, `stats.steps[0]`.
+    """
 
-    def __post_init__(self):
-        for name in ("drafted", "verified", "accepted"):
-            if not getattr(self, name):
-                setattr(self, name, [0] * self.block_size)
-        if not self.predicted:
-            self.predicted = [0.0] * self.block_size
+    def __init__(self, policy: str, num_positions: int, path: str | os.PathLike | None = None):
+        self.layout = _layout(num_positions)
+        size = max(s.stop for s in self.layout.values())
+        if path is None:
+            self.array = np.zeros(size)
+        else:
+            self.array = np.memmap(path, dtype=np.float64, mode="w+", shape=(size,))
+        self.array[self.layout["num_positions"]] = num_positions
+        self.array[self.layout["policy"]] = POLICIES.index(policy)
+        for name, where in self.layout.items():
+            setattr(self, name, self.array[where])
 
-    def record_drafts(self, num_requests: int, num_tokens: int, verify_lengths: list[int]) -> None:
-        """One drafting round: num_requests blocks of num_tokens, and how many of each go to verification."""
-        for k in range(num_tokens):
-            self.drafted[k] += num_requests
-        budget = sum(verify_lengths)
-        self.steps += 1
-        self.budget_sum += budget
-        for i, edge in enumerate(BUDGET_BUCKETS):
-            if budget <= edge:
-                self.budget_buckets[i] += 1
+    # -- writers (worker) ---------------------------------------------------
+    def _begin(self) -> None:
+        self.seq[0] += 1  # odd: a write is in progress
 
-    def record_verification(self, num_verified: int, num_accepted: int, survival: list[float] | None) -> None:
-        """One request's verification: `survival` is the calibrated a_k of its verified slots."""
-        for k in range(num_verified):
-            self.verified[k] += 1
-            if survival is not None:
-                self.predicted[k] += float(survival[k])
-        for k in range(num_accepted):
-            self.accepted[k] += 1
+    def _end(self) -> None:
+        self.seq[0] += 1
 
-    def record_step_time(self, seconds: float, profiled_seconds: float | None) -> None:
-        self.step_time_sum += seconds
+    def record_step(self, num_drafting: int, num_positions: int, budget: int,
+                    seconds: float | None, profiled_seconds: float | None) -> None:
+        """One engine step: how many requests drafted (0: the drafter did not run),
+        the verification budget the policy set for their drafts, and the step's
+        measured and predicted time."""
+        self._begin()
+        self.steps[0] += 1
+        if num_drafting:
+            self.drafting_steps[0] += 1
+            self.drafted[:num_positions] += num_drafting
+            self.budget_sum[0] += budget
+            self.budget_buckets[np.searchsorted(BUDGET_BUCKETS, budget):] += 1
+        if seconds is not None:
+            self.step_time_sum[0] += seconds
         if profiled_seconds is not None:
-            self.profiled_step_time_sum += profiled_seconds
-            self.profiled_steps += 1
+            self.profiled_step_time_sum[0] += profiled_seconds
+            self.profiled_steps[0] += 1
+        self._end()
+
+    def record_verification(self, verified: np.ndarray, accepted: np.ndarray,
+                            predicted: np.ndarray | None) -> None:
+        """Per-position counts of one verification step (arrays of length num_positions)."""
+        self._begin()
+        self.verified += verified
+        self.accepted += accepted
+        if predicted is not None:
+            self.predicted += predicted
+        self._end()
+
+    # -- readers -----------------------------------------------------------
+    @property
+    def policy_name(self) -> str:
+        return POLICIES[int(self.policy[0])]
 
     def calibration_error(self) -> float:
         """sum_k |predicted_k - accepted_k| / sum_k verified_k over verified slots (0 when none)."""
-        total = sum(self.verified)
+        total = self.verified.sum()
         if total == 0:
             return 0.0
-        return sum(abs(p - a) for p, a in zip(self.predicted, self.accepted)) / total
+        return float(np.abs(self.predicted - self.accepted).sum() / total)
 
-    def publish(self, path: str | os.PathLike) -> None:
-        """Atomically replace `path` with the current counters."""
-        path = Path(path)
-        tmp = path.with_suffix(f".{os.getpid()}.tmp")
-        tmp.write_text(json.dumps(asdict(self) | {"time": time.time()}))
-        os.replace(tmp, path)
+    def skipped_fraction(self) -> float:
+        """Share of engine steps in which the drafter did not run."""
+        return 0.0 if self.steps[0] == 0 else float(1.0 - self.drafting_steps[0] / self.steps[0])
 
 
-def read_stats(path: str | os.PathLike) -> EngineStats | None:
+def read_stats(path: str | os.PathLike | None, retries: int = 100) -> EngineStats | None:
+    """A consistent snapshot of an engine's counters, or None if there is none (yet)."""
+    if not path:
+        return None
     try:
-        raw = json.loads(Path(path).read_text())
+        shared = np.memmap(path, dtype=np.float64, mode="r")
     except (OSError, ValueError):
         return None
-    raw.pop("time", None)
-    return EngineStats(**raw)
+    if shared.shape[0] < len(_HEADER):
+        return None
+    for _ in range(retries):
+        before = shared[0]
+        copy = np.array(shared)
+        if before % 2 == 0 and shared[0] == before:
+            snapshot = EngineStats(POLICIES[int(copy[2])], int(copy[1]))
+            snapshot.array[:] = copy[: snapshot.array.shape[0]]
+            return snapshot
+        time.sleep(1e-4)  # a step is writing: try again
+    return None
 
 
 class DSparkCollector:
-    """A Prometheus collector that reads the engine's published counters at scrape time.
+    """A Prometheus collector that reads the engine's counters at scrape time.
 
     One per process, reporting the most recently configured DSpark engine
     (`point_at`); metric names carry vLLM's `vllm:` prefix so that
@@ -124,7 +173,7 @@ class DSparkCollector:
     def collect(self):
         from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily
 
-        stats = read_stats(self.path) if self.path else None
+        stats = read_stats(self.path)
         if stats is None:
             return
         per_position = {
@@ -138,40 +187,53 @@ class DSparkCollector:
         for name, doc in per_position.items():
             fam = CounterMetricFamily(f"vllm:dspark_{name}_tokens", doc, labels=["position"])
             for k, v in enumerate(values[name]):
-                fam.add_metric([str(k + 1)], v)
+                fam.add_metric([str(k + 1)], float(v))
             yield fam
 
         info = GaugeMetricFamily("vllm:dspark_policy_info", "The DSpark verification policy in use",
                                  labels=["policy"])
-        info.add_metric([stats.policy], 1)
+        info.add_metric([stats.policy_name], 1)
         yield info
 
         # budget_buckets are already cumulative: bucket i counts steps with budget <= edge i.
-        buckets = [(str(edge), count) for edge, count in zip(BUDGET_BUCKETS, stats.budget_buckets)]
-        buckets.append(("+Inf", stats.steps))
+        buckets = [(str(edge), float(count)) for edge, count in zip(BUDGET_BUCKETS, stats.budget_buckets)]
+        buckets.append(("+Inf", float(stats.drafting_steps[0])))
         yield HistogramMetricFamily("vllm:dspark_verification_budget_tokens",
-                                    "Draft tokens verified per step (all requests)",
-                                    buckets=buckets, sum_value=stats.budget_sum)
+                                    "Draft tokens the policy sent to verification, per drafting step",
+                                    buckets=buckets, sum_value=float(stats.budget_sum[0]))
 
         yield GaugeMetricFamily("vllm:dspark_calibration_error",
                                 "Running |predicted - observed| accepted tokens per verified draft token",
                                 value=stats.calibration_error())
         yield CounterMetricFamily("vllm:dspark_step_time_seconds",
-                                  "Measured time of verification steps (target + draft forward)",
-                                  value=stats.step_time_sum)
+                                  "Measured time of engine steps (target forward, verification, drafting)",
+                                  value=float(stats.step_time_sum[0]))
         yield CounterMetricFamily("vllm:dspark_profiled_step_time_seconds",
-                                  "Step time the engine cost profile predicted, sum of 1/SPS(B)",
-                                  value=stats.profiled_step_time_sum)
-        yield CounterMetricFamily("vllm:dspark_steps", "Drafting rounds (engine steps with drafts)",
-                                  value=stats.steps)
+                                  "Step time the engine cost model predicted for the same steps",
+                                  value=float(stats.profiled_step_time_sum[0]))
+        yield CounterMetricFamily("vllm:dspark_engine_steps", "Engine steps seen by the DSpark runner",
+                                  value=float(stats.steps[0]))
+        yield CounterMetricFamily("vllm:dspark_drafting_steps", "Engine steps in which the drafter ran",
+                                  value=float(stats.drafting_steps[0]))
+        yield GaugeMetricFamily("vllm:dspark_skipped_draft_step_fraction",
+                                "Share of engine steps that skipped the drafter (break-even guard)",
+                                value=stats.skipped_fraction())
 
 
 _COLLECTOR: DSparkCollector | None = None
 
 
+def _remove(path: str) -> None:
+    try:
+        os.remove(path)
+    except OSError:
+        pass
+
+
 def serve_metrics_from(path: str) -> None:
-    """Register (once per process) the collector and point it at this engine's file."""
+    """Register (once per process) the collector and point it at this engine's counters."""
     global _COLLECTOR
+    atexit.register(_remove, path)
     if _COLLECTOR is None:
         from prometheus_client import REGISTRY
 

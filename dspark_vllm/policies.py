@@ -128,7 +128,7 @@ def admitted_lengths(req: torch.Tensor, slot: torch.Tensor, n: int, num_reqs: in
 def need_profile(bound: SPSProfile | None, given: SPSProfile | None, policy: str) -> SPSProfile:
     """The profile passed to this call, else the one bound at construction."""
     profile = given if given is not None else bound
-    if not hasattr(profile, "sps_many"):  # an SPSProfile, or one wrapped in sps.WithOverhead
+    if not hasattr(profile, "sps_many"):  # an SPSProfile, or an sps.StepCost
         raise DSparkConfigError(
             f"verification={policy!r} needs an SPS profile (the engine's measured steps/s per batch "
             f"size, see dspark_vllm.sps); got {type(profile).__name__}. Profile the engine or load a "

@@ -45,23 +45,24 @@ def draft_block(
 
     # 2. Sequential Markov loop: slot k's logits get the bias of the token drafted at k-1.
     greedy = sampling.is_greedy.to(anchors.device)
-    tokens = anchors.new_empty(B, num_tokens)
-    probs = None if bool(greedy.all()) else base.new_zeros(base.shape)
+    sampled = not bool(greedy.all())
+    probs = base.new_zeros(base.shape) if sampled else None
     head = model.markov_head
     state = head.init_state(B, hidden) if head is not None else None
-    prev = anchors
+    prev, drafted = anchors, []
     for k in range(num_tokens):
         logits = base[:, k]
         if head is not None:
             bias, state = head.step(prev, hidden[:, k], state)
-            logits = logits + bias
+            logits = logits + bias  # float32 base + model-dtype bias -> float32
         token = logits.argmax(-1)
-        if probs is not None:
+        if sampled:
             q = process_logits(logits, sampling).softmax(-1)
             token = torch.where(greedy, token, sample(q, generators))
             probs[:, k] = q * (~greedy)[:, None]
-        tokens[:, k] = token
+        drafted.append(token)
         prev = token
+    tokens = torch.stack(drafted, dim=1)
 
     # 3. Confidence of slot k from [h_k ; W1[x_{k-1}]] (x_{-1} = anchor).
     prev_tokens = torch.cat([anchors[:, None], tokens[:, :-1]], dim=1)

@@ -1,19 +1,24 @@
-"""Engine cost profile: measured target steps per second SPS(B) at batch size B.
+"""Engine cost profile: measured target steps per second SPS(B) at batch size B,
+and the drafter's time per round for R requests.
 
 The hardware-aware scheduler (paper section 3.2.2) maximises expected tokens
 per second, Theta = E[tokens] * SPS(B), where B is the number of tokens in the
-verification forward pass. SPS(B) is measured once per engine configuration
-(the lead's profiler runs the engine at `measure_sizes(...)` batch sizes) and
-cached on disk as JSON:
+verification forward pass; the break-even guard compares that with plain
+decoding, which needs the same curve without the drafter. So a profile holds
+the target forward alone (`table`) and the drafting round alone
+(`draft_table`); `StepCost` adds them up, with the per-step overhead the
+engine measures while serving. Measured once per engine configuration (the
+runner times the engine at `measure_sizes(...)`) and cached on disk as JSON:
 
     {
-      "version": 1,
+      "version": 2,
       "model": "Qwen/Qwen3-4B",
       "hardware": "NVIDIA H200",
       "settings_key": "3f2a9c0d1b7e4a65",          # cache_key(model, hardware, settings)
       "settings": {"dtype": "bfloat16", ...},       # what the key hashes (informational)
       "created": "2026-01-01T12:00:00+00:00",
-      "table": [{"tokens": 1, "sps": 61.2}, {"tokens": 2, "sps": 61.0}, ...]
+      "table": [{"tokens": 1, "sps": 61.2}, {"tokens": 2, "sps": 61.0}, ...],
+      "draft_table": [{"requests": 1, "seconds": 0.0011}, ...]   # optional
     }
 
 `table` is sorted by `tokens` (strictly increasing, each >= 1) and every `sps`
@@ -22,6 +27,7 @@ is > 0. Lookups keep the step shape of the real curve (see `SPSProfile.sps`).
 
 from __future__ import annotations
 
+import bisect
 import functools
 import hashlib
 import json
@@ -35,7 +41,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_valida
 
 from .model.config import DSparkConfigError
 
-PROFILE_VERSION = 1
+PROFILE_VERSION = 2
 
 
 class SPSPoint(BaseModel):
@@ -47,18 +53,30 @@ class SPSPoint(BaseModel):
     sps: float = Field(strict=True, gt=0, allow_inf_nan=False)
 
 
-class SPSProfile(BaseModel):
-    """A measured SPS(B) table plus what it was measured on."""
+class DraftPoint(BaseModel):
+    """One measurement: a drafting round for `requests` requests takes `seconds`."""
 
     model_config = ConfigDict(extra="forbid", frozen=True)
 
-    version: Literal[1] = PROFILE_VERSION
+    requests: int = Field(strict=True, ge=1)
+    seconds: float = Field(strict=True, gt=0, allow_inf_nan=False)
+
+
+class SPSProfile(BaseModel):
+    """A measured SPS(B) table (target forward only), the drafter's round time, and
+    what they were measured on."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    version: Literal[2] = PROFILE_VERSION
     model: str
     hardware: str
     settings_key: str
     settings: dict[str, Any] = Field(default_factory=dict)
     created: str
     table: list[SPSPoint] = Field(min_length=1)
+    # Drafting round time by number of drafting requests; empty: unknown (counted as 0).
+    draft_table: list[DraftPoint] = Field(default_factory=list)
     # "step": a batch costs what the next measured size costs (engines that pad
     # to buckets, e.g. CUDA graphs). "linear": step time interpolated between
     # measured sizes (eager engines, the CPU: no padding, so stairs between
@@ -73,6 +91,12 @@ class SPSProfile(BaseModel):
                 raise ValueError(
                     f"table[{i}].tokens = {cur} is not greater than table[{i - 1}].tokens = {prev}: "
                     f"the table must be sorted by tokens with no duplicates"
+                )
+        for i in range(1, len(self.draft_table)):
+            if self.draft_table[i].requests <= self.draft_table[i - 1].requests:
+                raise ValueError(
+                    f"draft_table[{i}].requests is not greater than draft_table[{i - 1}].requests: "
+                    f"the draft table must be sorted by requests with no duplicates"
                 )
         return self
 
@@ -124,11 +148,31 @@ class SPSProfile(BaseModel):
         """SPS(B) for one batch size; see `sps_many`."""
         return float(self.sps_many(torch.tensor([tokens]))[0])
 
+    @functools.cached_property
+    def _draft_columns(self) -> tuple[list[int], list[float]]:
+        return [p.requests for p in self.draft_table], [p.seconds for p in self.draft_table]
+
+    def draft_seconds(self, requests: int) -> float:
+        """Time of one drafting round for `requests` requests: linear between measured
+        counts, the first value below them, the last segment's slope beyond (0 if unknown)."""
+        counts, seconds = self._draft_columns
+        if not counts or requests <= 0:
+            return 0.0
+        if len(counts) == 1:
+            return seconds[0] * max(1.0, requests / counts[0])
+        i = min(max(bisect.bisect_left(counts, requests), 1), len(counts) - 1)
+        r0, r1, s0, s1 = counts[i - 1], counts[i], seconds[i - 1], seconds[i]
+        if requests <= r0:
+            return s0
+        return max(s0, s0 + (s1 - s0) * (requests - r0) / (r1 - r0))
+
     def summary(self) -> str:
         first, last = self.table[0], self.table[-1]
+        draft = (f"; a drafting round {1000 * self.draft_seconds(1):.2f} ms for 1 request"
+                 if self.draft_table else "")
         return (
             f"SPS profile of {self.model} on {self.hardware}: {len(self.table)} sizes, "
-            f"{first.sps:.1f} steps/s at B={first.tokens} -> {last.sps:.1f} at B={last.tokens} "
+            f"{first.sps:.1f} steps/s at B={first.tokens} -> {last.sps:.1f} at B={last.tokens}{draft} "
             f"(settings {self.settings_key}, {self.created})"
         )
 
@@ -139,19 +183,23 @@ class SPSProfile(BaseModel):
         return path
 
 
-class WithOverhead:
-    """A profile's SPS(B) with a fixed per-step overhead added to its step time.
+class StepCost:
+    """SPS(B) of a speculative step: the profile's target forward at B tokens, plus a
+    drafting round and the per-step overhead the profile does not see.
 
-    The profile times the target and draft forwards; a served step also pays
-    for scheduling, sampling, verification and bookkeeping. The runner measures
-    that gap on finished steps and hands the policies 1 / (1/SPS(B) + overhead).
+    The runner measures the overhead (scheduling, sampling, verification,
+    bookkeeping) on finished steps and knows how many requests draft this
+    step; the policies see 1 / (1/SPS_target(B) + overhead + draft_seconds).
     """
 
-    def __init__(self, profile: SPSProfile, overhead_s: float):
-        self.profile, self.overhead_s = profile, max(0.0, overhead_s)
+    def __init__(self, profile: SPSProfile, overhead_s: float = 0.0, draft_s: float = 0.0):
+        self.profile, self.overhead_s, self.draft_s = profile, max(0.0, overhead_s), max(0.0, draft_s)
+
+    def step_seconds_many(self, tokens: torch.Tensor) -> torch.Tensor:
+        return 1.0 / self.profile.sps_many(tokens) + self.overhead_s + self.draft_s
 
     def sps_many(self, tokens: torch.Tensor) -> torch.Tensor:
-        return 1.0 / (1.0 / self.profile.sps_many(tokens) + self.overhead_s)
+        return 1.0 / self.step_seconds_many(tokens)
 
     def sps(self, tokens: int) -> float:
         return float(self.sps_many(torch.tensor([tokens]))[0])
@@ -205,9 +253,12 @@ def _validated(data: Any, source: str, json_text: bool = False) -> SPSProfile:
         raise DSparkConfigError(f"{source}: {_explain(e.errors()[0])}; re-profile or fix the file.") from None
 
 
-def make_profile(points, model: str, hardware: str, settings: dict, shape: str = "step") -> SPSProfile:
-    """A profile from measurements: `points` is {tokens: sps} or [(tokens, sps), ...]."""
+def make_profile(points, model: str, hardware: str, settings: dict, shape: str = "step",
+                 draft_points=None) -> SPSProfile:
+    """A profile from measurements: `points` is {tokens: sps} or [(tokens, sps), ...] of
+    the target forward; `draft_points` {requests: seconds} of a drafting round."""
     pairs = sorted(dict(points).items())
+    drafts = sorted(dict(draft_points or {}).items())
     return _validated(
         {
             "model": model,
@@ -216,6 +267,7 @@ def make_profile(points, model: str, hardware: str, settings: dict, shape: str =
             "settings": settings,
             "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
             "table": [{"tokens": int(b), "sps": float(s)} for b, s in pairs],
+            "draft_table": [{"requests": int(r), "seconds": float(t)} for r, t in drafts],
             "shape": shape,
         },
         "measured SPS profile",
@@ -253,7 +305,7 @@ def cache_key(model: str, hardware: str, settings: dict) -> str:
     parallel size, dtype, KV-cache dtype, max_num_batched_tokens, CUDA graph
     capture sizes / enforce_eager, attention backend, vLLM version, block size.
     """
-    blob = json.dumps({"model": model, "hardware": hardware, "settings": settings},
+    blob = json.dumps({"model": model, "hardware": hardware, "settings": settings, "version": PROFILE_VERSION},
                       sort_keys=True, separators=(",", ":"), default=str)
     return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
@@ -289,17 +341,20 @@ def measure_sizes(max_num_batched_tokens: int, dense_upto: int = 32, growth: flo
 
 
 def synthetic_profile(kind: str = "steep", max_tokens: int = 512) -> SPSProfile:
-    """A profile for tests. 'flat': 100 steps/s at every size (memory-bound,
-    verifying more is free). 'steep': 10 ms + 1 ms per token (compute-bound
-    from the start), measured at `measure_sizes(max_tokens)`."""
+    """A profile for tests. Target forward: 'flat': 100 steps/s at every size
+    (memory-bound, verifying more is free); 'steep': 10 ms + 1 ms per token
+    (compute-bound from the start), measured at `measure_sizes(max_tokens)`.
+    A drafting round costs 2 ms + 0.1 ms per request in both."""
     if kind not in ("flat", "steep"):
         raise DSparkConfigError(f"kind={kind!r}: synthetic profiles are 'flat' or 'steep'.")
     step_ms = (lambda b: 10.0) if kind == "flat" else (lambda b: 10.0 + b)
     points = {b: 1000.0 / step_ms(b) for b in measure_sizes(max_tokens)}
-    return make_profile(points, model=f"synthetic-{kind}", hardware="none", settings={"kind": kind})
+    drafts = {r: (2.0 + 0.1 * r) / 1000.0 for r in measure_sizes(max_tokens, dense_upto=4, growth=2.0)}
+    return make_profile(points, model=f"synthetic-{kind}", hardware="none", settings={"kind": kind},
+                        draft_points=drafts)
 
 
 __all__ = [
-    "SPSPoint", "SPSProfile", "WithOverhead", "make_profile", "load_profile", "cache_key", "cache_path",
+    "SPSPoint", "DraftPoint", "SPSProfile", "StepCost", "make_profile", "load_profile", "cache_key", "cache_path",
     "measure_sizes", "synthetic_profile", "PROFILE_VERSION",
 ]

@@ -19,11 +19,11 @@ from __future__ import annotations
 
 import functools
 import os
-import tempfile
 import time
-import uuid
-from dataclasses import replace
-from pathlib import Path
+from collections import deque
+from dataclasses import dataclass, replace
+
+import numpy as np
 
 import torch
 from vllm.logger import init_logger
@@ -31,11 +31,12 @@ from vllm.logger import init_logger
 from . import sps as sps_profile
 from .calibration import apply_temperatures, load_calibration
 from .config import DSparkOptions, PROPOSER_PATH, options_from_additional_config
-from .metrics import EngineStats, serve_metrics_from
+from .guard import BreakEvenGuard
+from .metrics import EngineStats, default_metrics_path, serve_metrics_from
 from .model.checkpoint import TargetInfo, load_draft_model, validate_checkpoint
 from .model.config import DSparkConfig
 from .policies import check_policy, make_policy
-from .proposer import draft_block, draft_rounds
+from .proposer import draft_block
 from .sampling import SamplingRows, process_logits
 from .verification import num_accepted, verify
 
@@ -74,10 +75,8 @@ def configure(vllm_config) -> None:
         sps_profile.load_profile(options.sps_profile)
     check_policy(options.verification, options.model_dump(), draft_config.enable_confidence_head)
     if options.metrics_path is None:
-        # The engine process writes here; this (front-end) process serves it on /metrics.
-        path = Path(tempfile.gettempdir()) / "dspark-vllm" / f"metrics-{uuid.uuid4().hex}.json"
-        path.parent.mkdir(parents=True, exist_ok=True)
-        dspark = {**vllm_config.additional_config["dspark"], "metrics_path": str(path)}
+        # The engine's first worker counts here; this (front-end) process serves it on /metrics.
+        dspark = {**vllm_config.additional_config["dspark"], "metrics_path": str(default_metrics_path())}
         vllm_config.additional_config = {**vllm_config.additional_config, "dspark": dspark}
         options = options_from_additional_config(vllm_config.additional_config)
     serve_metrics_from(options.metrics_path)
@@ -142,6 +141,37 @@ class DSparkScheduler(Scheduler):
 # ---------------------------------------------------------------------------
 
 
+@dataclass
+class DraftRound:
+    """The latest drafting round (one row per drafting request), kept until the
+    next step verifies it. The drafts' q rows travel on vLLM's own route
+    (the runner's `_draft_probs` / `_draft_prob_req_ids`)."""
+
+    req_ids: list[str]
+    anchors: torch.Tensor  # [R]
+    anchor_positions: torch.Tensor  # [R]
+    tokens: torch.Tensor  # [R, K]
+    survival: torch.Tensor | None  # [R, K] calibrated a_k, float64 on the CPU
+    confidence_logits: torch.Tensor | None  # [R, K]
+
+
+def locate_drafts(draft_round: DraftRound | None, req_ids: list[str], num_draft_tokens: list[int],
+                  K: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(flat index into the round's [R*K] rows or -1, position k) of every scheduled draft.
+
+    Scheduled drafts are laid out request after request in `req_ids` order
+    (vLLM's SpecDecodeMetadata); -1 marks a request without a row in the round
+    (e.g. the placeholder drafts vLLM schedules for a resumed request).
+    """
+    row_of = {} if draft_round is None else {req_id: r for r, req_id in enumerate(draft_round.req_ids)}
+    nd = torch.tensor(num_draft_tokens, dtype=torch.long)
+    rows = torch.tensor([row_of.get(req_id, -1) for req_id in req_ids], dtype=torch.long)
+    req = torch.repeat_interleave(torch.arange(len(num_draft_tokens)), nd)
+    slot = torch.arange(int(nd.sum())) - (torch.cumsum(nd, 0) - nd)[req]
+    row = rows[req]
+    return torch.where(row >= 0, row * K + slot, -1), slot
+
+
 class DSparkProposer:
     """The `custom_class` drafter. Built by vLLM's runner with the config only."""
 
@@ -161,16 +191,21 @@ class DSparkProposer:
             self.temperatures = load_calibration(self.options.calibration,
                                                  self.draft_config.block_size).temperatures
         self.profile = None  # SPSProfile, set by the runner before serving
-        self.step_overhead_s = 0.0  # running mean of measured - profiled step time
-        self.stats = EngineStats(policy=self.policy.name, block_size=self.num_tokens)
+        # What the profile does not see, learned on finished steps (seconds):
+        self.step_overhead_s = 0.0  # per step, outside the target forward and the drafter
+        self.draft_scale = 1.0  # measured / profiled drafting round
+        self.guard = BreakEvenGuard() if self.options.break_even else None
+        # Only the first rank publishes: every rank sees the same steps.
+        path = self.options.metrics_path if _is_first_rank() else None
+        self.stats = EngineStats(self.policy.name, self.num_tokens, path)
         self.model = None
         self.attn_layers: list = []
         self.layer_names: list[str] = []
-        # req_id -> (verified drafts, their q rows or None, calibrated survival a_k or None)
-        self.pending: dict[str, tuple[list[int], torch.Tensor | None, list[float] | None]] = {}
-        # Each request's latest drafting round (the last 1024 requests), for checks
-        # against the dense reference; kept after a request finishes.
-        self.last_round: dict[str, dict] = {}
+        self.round: DraftRound | None = None  # the round the next step verifies
+        self.rounds_drafted = 0  # drafter forwards while serving
+        # The latest rounds, for checks against the dense reference (references only: no per-step work).
+        self.recent_rounds: deque[DraftRound] = deque(maxlen=64)
+        self.verifying: tuple[torch.Tensor, torch.Tensor] | None = None  # locate_drafts of this step
         self.shared: list[str] = []  # draft weights that alias the target's
 
     def load_model(self, target_model) -> None:
@@ -181,8 +216,9 @@ class DSparkProposer:
         self.model = load_draft_model(self.options.draft_model, self.vllm_config.model_config.dtype, device)
         self.share_with_target(target_model)
         logger.info("DSpark draft %s loaded: block_size=%d, verifying up to %d tokens, "
-                    "policy=%s, shared with target: %s", self.options.draft_model, cfg.block_size,
-                    self.num_tokens, self.policy.name, self.shared or "nothing")
+                    "policy=%s, break-even guard %s, shared with target: %s", self.options.draft_model,
+                    cfg.block_size, self.num_tokens, self.policy.name, "on" if self.guard else "off",
+                    self.shared or "nothing")
         cache_config = self.vllm_config.cache_config
         self.layer_names = [
             f"{self.LAYER_PREFIX}.{self.num_target_layers + i}.attn" for i in range(cfg.num_hidden_layers)
@@ -225,8 +261,9 @@ class DSparkProposer:
     @torch.inference_mode()
     def write_context(self, target_features, positions, slot_mapping) -> None:
         fused = self.model.fuse_target_features(target_features.to(self.model.fc.weight.dtype))
+        rotary = self.model.rotary(positions)
         for layer, attn in zip(self.model.layers, self.attn_layers):
-            k, v = layer.self_attn.keys_values(fused, positions)
+            k, v = layer.self_attn.keys_values(fused, rotary)
             attn.impl.do_kv_cache_update(attn, k, v, attn.kv_cache, slot_mapping)
 
     # -- confidence-scheduled verification ---------------------------------
@@ -238,25 +275,65 @@ class DSparkProposer:
             return drafts.confidences.float()
         return apply_temperatures(drafts.confidence_logits.float(), self.temperatures)
 
-    def verify_lengths(self, confidences, num_drafting: int, other_tokens: int) -> list[int]:
-        """How many drafts of each drafting request go to verification next step.
+    def step_cost(self, num_drafting: int) -> sps_profile.StepCost | None:
+        """The cost model of a step in which `num_drafting` requests draft."""
+        if self.profile is None:
+            return None
+        draft_s = self.draft_scale * self.profile.draft_seconds(num_drafting)
+        return sps_profile.StepCost(self.profile, self.step_overhead_s, draft_s)
+
+    def should_draft(self, num_drafting: int, other_tokens: int) -> bool:
+        """The break-even guard's decision for this step (before any draft exists)."""
+        cost = self.step_cost(num_drafting)
+        if self.guard is None or cost is None:
+            return True
+        return self.guard.should_draft(num_drafting, other_tokens, cost)
+
+    def verify_lengths(self, confidences, num_drafting: int, other_tokens: int) -> torch.Tensor:
+        """How many drafts of each drafting request go to verification next step ([R] int64, CPU).
 
         other_tokens: tokens of the same forward pass the policy does not
-        schedule (requests that did not draft this round), counted into B.
+        schedule (tokens of requests that do not draft, e.g. prefill chunks).
         """
-        profile = None if self.profile is None else sps_profile.WithOverhead(self.profile, self.step_overhead_s)
-        return [int(x) for x in self.policy.lengths(confidences, self.num_tokens, num_drafting,
-                                                    other_tokens=other_tokens, profile=profile)]
+        return self.policy.lengths(confidences, self.num_tokens, num_drafting, other_tokens=other_tokens,
+                                   profile=self.step_cost(num_drafting))
 
-    def remember_round(self, rounds: dict[str, dict], keep: int = 1024) -> None:
-        for req_id, info in rounds.items():
-            self.last_round.pop(req_id, None)
-            self.last_round[req_id] = info
-        for req_id in list(self.last_round)[:-keep]:
-            del self.last_round[req_id]
+    def record_verification(self, req_ids: list[str], num_draft_tokens: list[int], output: torch.Tensor) -> None:
+        """Per-position verified / accepted / predicted counts of this step's verification."""
+        K = self.num_tokens
+        located, self.verifying = self.verifying, None
+        index, slot = located or locate_drafts(self.round, req_ids, num_draft_tokens, K)
+        nd = torch.tensor(num_draft_tokens, dtype=torch.long)
+        accepted = num_accepted(output.cpu())
+        accepted_tok = slot < torch.repeat_interleave(accepted, nd)
+        verified = torch.bincount(slot, minlength=K)[:K]
+        kept = torch.bincount(slot[accepted_tok], minlength=K)[:K]
+        predicted = None
+        if self.round is not None and self.round.survival is not None:
+            ok = index >= 0
+            predicted = torch.zeros(K, dtype=torch.float64).index_add_(
+                0, slot[ok], self.round.survival.flatten()[index[ok]])
+            predicted = predicted.numpy()
+        self.stats.record_verification(verified.numpy(), kept.numpy(), predicted)
+        if self.guard is not None:
+            self.guard.observe(int((nd > 0).sum()), int(nd.sum()), int(accepted.sum()))
 
-    def forget(self, req_id: str) -> None:
-        self.pending.pop(req_id, None)
+    def learn_step(self, measured_s: float, target_s: float, draft_measured_s: float,
+                   draft_profiled_s: float, gap_s: float | None, weight: float = 0.1) -> None:
+        """Update the step-cost corrections from one finished step (never from drafts to come)."""
+        self.step_overhead_s += weight * (max(0.0, measured_s - target_s - draft_measured_s + (gap_s or 0.0))
+                                          - self.step_overhead_s)
+        if draft_profiled_s > 0:
+            self.draft_scale += weight * (draft_measured_s / draft_profiled_s - self.draft_scale)
+
+
+def _is_first_rank() -> bool:
+    try:
+        from vllm.distributed import get_tensor_model_parallel_rank
+
+        return get_tensor_model_parallel_rank() == 0
+    except (AssertionError, ImportError):  # no distributed state (tests that build the proposer alone)
+        return True
 
 
 # ---------------------------------------------------------------------------
@@ -270,6 +347,8 @@ def sampling_rows(sampling_metadata, num_reqs: int) -> SamplingRows:
     (vLLM 0.32 drops its min-p and logit-bias processors whenever speculative
     decoding is configured, so there is no min-p to read here.)
     """
+    if sampling_metadata.all_greedy:
+        return SamplingRows(torch.zeros(num_reqs))
     temp = sampling_metadata.temperature
     temp = torch.zeros(num_reqs) if temp is None else temp[:num_reqs].float().cpu()
     top_k = None if sampling_metadata.top_k is None else sampling_metadata.top_k[:num_reqs].cpu()
@@ -282,9 +361,11 @@ class DSparkRunnerMixin:
 
     def _dspark_setup(self) -> None:
         self.use_aux_hidden_state_outputs = True
-        self.drafter.runner = self
         self.rejection_sampler = DSparkRejectionSampler(
-            self.sampler, self.speculative_config, self.device, self.drafter)
+            self.sampler, self.speculative_config, self.device, self.drafter, self)
+        self._dspark_step_start = None
+        self._dspark_step_end = None
+        self._dspark_attn = None  # (kv cache group, metadata builder) of the draft layers
 
     def _get_eagle3_aux_layers_from_config(self):
         # vLLM records aux state j = input of layer j = output of layer j-1.
@@ -293,18 +374,42 @@ class DSparkRunnerMixin:
     def _input_fits_in_drafter(self, *args, **kwargs) -> bool:
         return True  # decided per request in propose_draft_token_ids
 
-    def _on_request_state_removed(self, req_id, req_state) -> None:
-        super()._on_request_state_removed(req_id, req_state)
-        self.drafter.forget(req_id)
-
     def _dspark_group(self):
-        name = self.drafter.layer_names[0]
-        for gid, group in enumerate(self.kv_cache_config.kv_cache_groups):
-            if name in group.layer_names:
-                for attn_group in self.attn_groups[gid]:
-                    if name in attn_group.layer_names:
-                        return gid, attn_group.get_metadata_builder()
-        raise RuntimeError(f"draft attention layer {name} has no KV cache group")
+        if self._dspark_attn is None:
+            name = self.drafter.layer_names[0]
+            for gid, group in enumerate(self.kv_cache_config.kv_cache_groups):
+                if name in group.layer_names:
+                    for attn_group in self.attn_groups[gid]:
+                        if name in attn_group.layer_names:
+                            self._dspark_attn = gid, attn_group.get_metadata_builder()
+            if self._dspark_attn is None:
+                raise RuntimeError(f"draft attention layer {name} has no KV cache group")
+        return self._dspark_attn
+
+    def _get_spec_decode_draft_probs(self, metadata):
+        """vLLM's lookup of the drafts' q rows by request, without a Python loop over
+        requests, and with zero rows (= a deterministic draft) where a request has none."""
+        drafter: DSparkProposer = self.drafter
+        req_ids = self.input_batch.req_ids[: len(metadata.num_draft_tokens)]
+        drafter.verifying = locate_drafts(drafter.round, req_ids, metadata.num_draft_tokens, drafter.num_tokens)
+        if self._draft_probs is None:
+            return None
+        index = drafter.verifying[0].to(self._draft_probs.device)
+        q = self._draft_probs.flatten(0, 1)[index.clamp(min=0)]
+        return q * (index >= 0)[:, None]
+
+    def _dspark_anchors(self, sampled_token_ids, num_reqs: int, table):
+        """Requests that draft this step: a fresh anchor (not mid-prefill) and room for a block."""
+        gamma = self.drafter.draft_config.block_size
+        last_anchor = np.minimum(table.num_blocks_per_row[:num_reqs] * table.block_size,
+                                 self.max_model_len) - gamma  # the block must fit behind the anchor
+        positions = self.input_batch.num_tokens_no_spec[:num_reqs] - 1
+        rows, anchors = [], []
+        for i, toks in enumerate(sampled_token_ids[:num_reqs]):
+            if toks and positions[i] <= last_anchor[i]:
+                rows.append(i)
+                anchors.append(toks[-1])
+        return rows, anchors, positions[rows]
 
     @torch.inference_mode()
     def propose_draft_token_ids(self, scheduler_output, sampled_token_ids, sampling_metadata,
@@ -312,90 +417,91 @@ class DSparkRunnerMixin:
                                 spec_decode_metadata, common_attn_metadata, slot_mappings):
         drafter: DSparkProposer = self.drafter
         n = scheduler_output.total_num_scheduled_tokens
-        # 1. Every scheduled token becomes draft context (prefill chunks too).
+        # 1. Every scheduled token becomes draft context (prefill chunks too), drafting or not.
         features = torch.cat([h[:n] for h in aux_hidden_states], dim=-1)
-        positions = self.positions[:n]
         if isinstance(slot_mappings, list):
             slot_mappings = slot_mappings[0]
-        drafter.write_context(features, positions, slot_mappings[drafter.layer_names[0]][:n])
+        drafter.write_context(features, self.positions[:n], slot_mappings[drafter.layer_names[0]][:n])
 
-        # 2. Requests with a fresh anchor (not mid-prefill) and room for a block.
+        # 2. Who can draft, and does drafting pay this step (break-even guard)?
         num_reqs = self.input_batch.num_reqs
         req_ids = self.input_batch.req_ids[:num_reqs]
         gid, builder = self._dspark_group()
         table = self.input_batch.block_table[gid]
-        gamma = drafter.draft_config.block_size
-        rows, anchors, anchor_pos = [], [], []
-        for i, toks in enumerate(sampled_token_ids[:num_reqs]):
-            pos = int(self.input_batch.num_tokens_no_spec[i]) - 1
-            have_blocks = int(table.num_blocks_per_row[i]) * table.block_size
-            if toks and pos + gamma <= min(self.max_model_len, have_blocks):
-                rows.append(i)
-                anchors.append(toks[-1])
-                anchor_pos.append(pos)
+        rows, anchors, anchor_pos = self._dspark_anchors(sampled_token_ids, num_reqs, table)
+        scheduled = scheduler_output.num_scheduled_tokens
+        other_tokens = n - sum(scheduled.get(req_ids[i], 0) for i in rows)
         drafts: list[list[int]] = [[] for _ in range(num_reqs)]
-        for req_id in req_ids:
-            drafter.forget(req_id)
-        if not rows:
+        drafter.round = None
+        if not rows or not drafter.should_draft(len(rows), other_tokens):
+            self._dspark_end_step(n, 0, 0, 0.0)
             return drafts
 
-        # 3. One parallel block forward on the paged KV cache + the Markov loop.
+        # 3. One parallel block forward on the paged KV cache + the Markov loop,
+        #    then the policy's verification lengths.
+        started = time.perf_counter()
+        drafter.rounds_drafted += 1
         device = features.device
         rows_t = torch.tensor(rows, device=device)
-        anchors_t = torch.tensor(anchors, device=device, dtype=torch.long)
-        anchor_pos_t = torch.tensor(anchor_pos, device=device, dtype=torch.long)
-        attend = self._paged_block_attention(builder, table.get_device_tensor(num_reqs)[rows_t],
-                                             table.block_size, anchor_pos_t, gamma)
-        rows_sampling = sampling_rows(sampling_metadata, num_reqs).index(torch.tensor(rows))
+        sampling = sampling_rows(sampling_metadata, num_reqs).index(torch.tensor(rows))
         generators = {j: sampling_metadata.generators[i] for j, i in enumerate(rows)
                       if i in sampling_metadata.generators}
-        out = draft_block(drafter.model, anchors_t, anchor_pos_t, attend, drafter.num_tokens,
-                          rows_sampling, generators)
-
-        # 4. Verification lengths from the policy; keep q and the predicted
-        #    survival for the acceptance step.
+        out = self._dspark_draft(table.get_device_tensor(num_reqs)[rows_t], table.block_size,
+                                 torch.tensor(anchors, device=device, dtype=torch.long),
+                                 torch.from_numpy(anchor_pos).to(device=device, dtype=torch.long),
+                                 sampling, generators)
         confidences = drafter.calibrated_confidences(out)
-        lengths = drafter.verify_lengths(confidences, len(rows), num_reqs - len(rows))
-        survival = None if confidences is None else confidences.cumprod(-1).tolist()
+        lengths = drafter.verify_lengths(confidences, len(rows), other_tokens)
+
+        # 4. Hand over: token lists to the scheduler, q rows on vLLM's draft-probs route.
         tokens = out.tokens.tolist()
-        for j, i in enumerate(rows):
-            L = lengths[j]
+        for j, (i, L) in enumerate(zip(rows, lengths.tolist())):
             drafts[i] = tokens[j][:L]
-            probs = None if out.probs is None or bool(rows_sampling.is_greedy[j]) else out.probs[j, :L]
-            drafter.pending[req_ids[i]] = (drafts[i], probs, None if survival is None else survival[j][:L])
-        conf_logits = None if out.confidence_logits is None else out.confidence_logits.tolist()
-        drafter.remember_round({
-            req_ids[i]: {"anchor": anchors[j], "anchor_position": anchor_pos[j], "tokens": tokens[j],
-                         "confidence_logits": None if conf_logits is None else conf_logits[j]}
-            for j, i in enumerate(rows)})
-        drafter.stats.record_drafts(len(rows), drafter.num_tokens, lengths)
-        self._dspark_end_step(n)
+        round_ids = [req_ids[i] for i in rows]
+        survival = None if confidences is None else confidences.double().cpu().cumprod(-1)
+        drafter.round = DraftRound(round_ids, torch.tensor(anchors), torch.from_numpy(anchor_pos), out.tokens,
+                                   survival, out.confidence_logits)
+        drafter.recent_rounds.append(drafter.round)
+        if out.probs is not None:
+            self._draft_probs, self._draft_prob_req_ids = out.probs, round_ids
+        self._dspark_end_step(n, len(rows), int(lengths.sum()), time.perf_counter() - started)
         return drafts
+
+    def _dspark_draft(self, block_table, block_size: int, anchors, anchor_pos, sampling, generators):
+        """One drafting round for len(anchors) requests whose context K/V sit in the paged cache."""
+        drafter: DSparkProposer = self.drafter
+        _, builder = self._dspark_group()
+        attend = self._paged_block_attention(builder, block_table, block_size, anchor_pos,
+                                             drafter.draft_config.block_size)
+        return draft_block(drafter.model, anchors, anchor_pos, attend, drafter.num_tokens, sampling, generators)
 
     # -- step timing and metrics ------------------------------------------
     def execute_model(self, *args, **kwargs):
         self._dspark_step_start = time.perf_counter()
         return super().execute_model(*args, **kwargs)
 
-    def _dspark_end_step(self, num_scheduled_tokens: int) -> None:
-        """Measured vs profiled step time (target forward + draft), then publish the metrics."""
+    def _dspark_end_step(self, num_scheduled_tokens: int, num_drafting: int, budget: int,
+                         draft_s: float) -> None:
+        """Account for every step: measured vs predicted time, the cost-model corrections, metrics."""
         drafter: DSparkProposer = self.drafter
-        start = getattr(self, "_dspark_step_start", None)
+        now, start, prev_end = time.perf_counter(), self._dspark_step_start, self._dspark_step_end
+        measured = predicted = None
         if start is not None:
-            measured = time.perf_counter() - start
-            profiled = None if drafter.profile is None else 1.0 / drafter.profile.sps(num_scheduled_tokens)
-            drafter.stats.record_step_time(measured, profiled)
-            if profiled is not None:
-                # What the profile does not see (sampling, verification, bookkeeping), learned
-                # from finished steps only: it never depends on the drafts being scheduled.
-                drafter.step_overhead_s += 0.1 * (max(0.0, measured - profiled) - drafter.step_overhead_s)
-            self._dspark_step_start = None
-        if drafter.options.metrics_path:
-            drafter.stats.publish(drafter.options.metrics_path)
+            measured = now - start
+            # Time between steps spent outside the worker (scheduler, front end); an idle
+            # engine's gap is not a step cost.
+            gap = start - prev_end if prev_end is not None and start - prev_end < 0.05 else None
+            if drafter.profile is not None:
+                target_s = 1.0 / drafter.profile.sps(num_scheduled_tokens)
+                draft_profiled = drafter.profile.draft_seconds(num_drafting)
+                predicted = target_s + drafter.step_overhead_s + drafter.draft_scale * draft_profiled
+                drafter.learn_step(measured, target_s, draft_s, draft_profiled, gap)
+        drafter.stats.record_step(num_drafting, drafter.num_tokens, budget, measured, predicted)
+        self._dspark_step_start, self._dspark_step_end = None, now
 
     # -- engine cost profile SPS(B) ----------------------------------------
     def dspark_load_or_measure_profile(self) -> None:
-        """Give the drafter its SPS(B) table: a configs/ file, the disk cache, or a fresh measurement."""
+        """Give the drafter its cost profile: a configs/ file, the disk cache, or a fresh measurement."""
         drafter: DSparkProposer = self.drafter
         opts = drafter.options
         if opts.sps_profile:
@@ -404,10 +510,10 @@ class DSparkRunnerMixin:
             return  # fixed / threshold never look at the cost curve
         else:
             max_tokens = self.scheduler_config.max_num_batched_tokens
-            settings = {"max_num_batched_tokens": max_tokens, "dtype": str(self.model_config.dtype),
-                        "block_size": drafter.draft_config.block_size, "draft": opts.draft_model,
-                        "enforce_eager": self.model_config.enforce_eager,
-                        "threads": torch.get_num_threads(), "vllm": _vllm_version(), "profile_format": 3}
+            settings = {"max_num_batched_tokens": max_tokens, "max_num_seqs": self.scheduler_config.max_num_seqs,
+                        "dtype": str(self.model_config.dtype), "block_size": drafter.draft_config.block_size,
+                        "draft": opts.draft_model, "enforce_eager": self.model_config.enforce_eager,
+                        "threads": torch.get_num_threads(), "vllm": _vllm_version()}
             cache_dir = opts.sps_cache_dir or os.path.expanduser("~/.cache/dspark_vllm/sps")
             path = sps_profile.cache_path(cache_dir, self.model_config.model, _hardware_name(self.device),
                                           settings)
@@ -421,21 +527,21 @@ class DSparkRunnerMixin:
         logger.info("DSpark engine cost profile (%s): %s", source, profile.summary())
 
     def _dspark_measure_profile(self, max_tokens: int, settings: dict):
-        """Time one verification step per batch size B: target forward over B tokens + draft block.
+        """Time the target forward per batch size B and a drafting round per request count R.
 
         The target runs vLLM's own dummy forward (same kernels and padding as
-        serving, without attention over a long context); the drafter runs its
-        block for the number of requests that B tokens of full blocks imply.
+        serving, without attention over a long context); the drafter runs the
+        serving path itself (`_dspark_draft` on the paged cache, over blocks
+        that no request owns yet: this runs before the engine serves).
         """
-        drafter: DSparkProposer = self.drafter
         points = {}
         for B in sps_profile.measure_sizes(max_tokens):
-            num_reqs = max(1, B // (drafter.num_tokens + 1))
             self._dummy_run(B)
-            _time_draft_block(drafter, num_reqs)
-            target_s = _best_time(lambda: self._dummy_run(B))
-            draft_s = _best_time(lambda: _time_draft_block(drafter, num_reqs))
-            points[B] = target_s + draft_s
+            points[B] = _best_time(lambda: self._dummy_run(B))
+        drafts = {}
+        for R in sps_profile.measure_sizes(self.scheduler_config.max_num_seqs, dense_upto=4, growth=2.0):
+            self._dspark_dummy_draft(R)
+            drafts[R] = _best_time(lambda: self._dspark_dummy_draft(R))
         # A bigger batch never takes less time; a dip is timing noise, and noise
         # in the curve stops Algorithm 1's early stop at the wrong place.
         slowest = 0.0
@@ -445,7 +551,23 @@ class DSparkRunnerMixin:
         # Eager engines (the CPU) do not pad batches to buckets: interpolate between sizes.
         shape = "linear" if self.device.type == "cpu" or self.model_config.enforce_eager else "step"
         return sps_profile.make_profile(points, self.model_config.model, _hardware_name(self.device),
-                                        settings, shape=shape)
+                                        settings, shape=shape, draft_points=drafts)
+
+    @torch.inference_mode()
+    def _dspark_dummy_draft(self, num_reqs: int, context: int = 16) -> None:
+        """A drafting round plus its policy for num_reqs requests over a short context."""
+        drafter: DSparkProposer = self.drafter
+        gid, _ = self._dspark_group()
+        block_size = self.input_batch.block_table[gid].block_size
+        per_req = -(-(context + drafter.draft_config.block_size) // block_size)
+        num_blocks = self.kv_cache_config.num_blocks
+        blocks = torch.arange(num_reqs * per_req) % max(1, num_blocks - 1) + 1  # block 0 is vLLM's null block
+        table = blocks.view(num_reqs, per_req).to(device=self.device, dtype=torch.int32)
+        anchors = torch.zeros(num_reqs, dtype=torch.long, device=self.device)
+        out = self._dspark_draft(table, block_size, anchors, torch.full_like(anchors, context),
+                                 SamplingRows(torch.zeros(num_reqs)), {})
+        if drafter.policy.name in ("sync", "async") and drafter.profile is not None:
+            drafter.verify_lengths(drafter.calibrated_confidences(out), num_reqs, 0)
 
     def _paged_block_attention(self, builder, block_table, block_size, anchor_pos, gamma):
         """attend() for draft blocks whose context K/V sit in vLLM's paged cache.
@@ -505,16 +627,6 @@ def _best_time(fn, repeats: int = 3) -> float:
     return best
 
 
-def _time_draft_block(drafter, num_reqs: int, context: int = 16) -> None:
-    """One draft block for num_reqs requests over a short dense context (for profiling)."""
-    cfg = drafter.draft_config
-    device, dtype = drafter.model.fc.weight.device, drafter.model.fc.weight.dtype
-    features = torch.zeros(context + 1, cfg.fc_in_features, device=device, dtype=dtype)
-    text = torch.zeros(context + 1, dtype=torch.long, device=device)
-    draft_rounds(drafter.model, features, text, torch.full((num_reqs,), context, device=device),
-                 num_tokens=drafter.num_tokens)
-
-
 # ---------------------------------------------------------------------------
 # Verification: exact speculative sampling in place of vLLM's rejection sampler.
 # ---------------------------------------------------------------------------
@@ -525,43 +637,30 @@ from vllm.v1.sample.rejection_sampler import RejectionSampler  # noqa: E402
 class DSparkRejectionSampler(RejectionSampler):
     """Exact verification with per-request lengths and full draft probabilities.
 
-    Draft rows get vLLM's logits processors (penalties with the draft prefix,
-    bad words, allowed tokens, min-tokens), then temperature, min-p, top-k and
-    top-p exactly in the order of vLLM's sampler. The bonus token is sampled by
-    vLLM's own sampler, as in plain decoding, independently of acceptance.
+    All-greedy batches go to vLLM's own rejection sampler (its greedy kernel
+    accepts a draft iff it is the target's argmax, exact for argmax drafts).
+    Otherwise draft rows get vLLM's logits processors (penalties with the
+    draft prefix, bad words, allowed tokens, min-tokens), then temperature,
+    min-p, top-k and top-p exactly in the order of vLLM's sampler, and
+    `verification.verify` compares them with the drafts' full q rows (the
+    `draft_probs` the runner passes). The bonus token is sampled by vLLM's own
+    sampler, as in plain decoding, independently of acceptance.
     """
 
-    def __init__(self, sampler, spec_config, device, proposer: DSparkProposer):
+    def __init__(self, sampler, spec_config, device, proposer: DSparkProposer, runner):
         super().__init__(sampler, spec_config, device)
-        self.proposer = proposer
-
-    def draft_probs_for(self, metadata, vocab: int, device) -> torch.Tensor:
-        """[num_draft_total, V] q rows; zero rows mean a deterministic draft."""
-        probs = torch.zeros(len(metadata.draft_token_ids), vocab, device=device)
-        drafted = metadata.draft_token_ids.tolist()
-        start = 0
-        for req_id, num in zip(self.proposer.runner.input_batch.req_ids, metadata.num_draft_tokens):
-            pending = self.proposer.pending.get(req_id)
-            if num and pending is not None:
-                tokens, q, _ = pending
-                if drafted[start:start + num] != tokens[:num]:
-                    raise RuntimeError(f"request {req_id}: scheduled drafts differ from proposed ones")
-                if q is not None:
-                    probs[start:start + num] = q[:num].to(device)
-            start += num
-        return probs
-
-    def record_outcomes(self, metadata, out: torch.Tensor) -> None:
-        """Verified vs accepted per position, and the survival that was predicted for them."""
-        accepted = num_accepted(out).tolist()
-        req_ids = self.proposer.runner.input_batch.req_ids
-        for r, (req_id, num) in enumerate(zip(req_ids, metadata.num_draft_tokens)):
-            if num:
-                pending = self.proposer.pending.get(req_id)
-                survival = None if pending is None else pending[2]
-                self.proposer.stats.record_verification(num, accepted[r], survival)
+        self.proposer, self.runner = proposer, runner
 
     def forward(self, metadata, draft_probs, logits, sampling_metadata):
+        if sampling_metadata.all_greedy:
+            result = super().forward(metadata, None, logits, sampling_metadata)
+        else:
+            result = self._sampled(metadata, draft_probs, logits, sampling_metadata)
+        req_ids = self.runner.input_batch.req_ids[: len(metadata.num_draft_tokens)]
+        self.proposer.record_verification(req_ids, metadata.num_draft_tokens, result.sampled_token_ids)
+        return result
+
+    def _sampled(self, metadata, draft_probs, logits, sampling_metadata):
         num_reqs = len(metadata.num_draft_tokens)
         bonus_out = self.sampler(
             logits=logits[metadata.bonus_logits_indices],
@@ -573,24 +672,18 @@ class DSparkRejectionSampler(RejectionSampler):
 
         raw_target = logits[metadata.target_logits_indices].float()
         target = self.apply_logits_processors(raw_target.clone(), sampling_metadata, metadata)
-        counts = torch.tensor(metadata.num_draft_tokens)
         rows = sampling_rows(sampling_metadata, num_reqs)
-        target = process_logits(target, rows.expand(counts))
+        target = process_logits(target, rows.expand(torch.tensor(metadata.num_draft_tokens)))
 
-        # verify() wants each request's rows followed by its bonus row; the
-        # bonus row is one-hot at vLLM's sampled bonus token.
+        # verify() takes each request's rows followed by its bonus row, which is
+        # vLLM's logits layout; the bonus row is one-hot at vLLM's sampled bonus token.
         V = target.shape[-1]
-        one_hot = torch.full((num_reqs, V), float("-inf"), device=target.device)
-        one_hot.scatter_(1, bonus[:, None], 0.0)
-        pieces, start = [], 0
-        for r, num in enumerate(metadata.num_draft_tokens):
-            pieces += [target[start:start + num], one_hot[r:r + 1]]
-            start += num
-        q = self.draft_probs_for(metadata, V, target.device)
-        out = verify(torch.cat(pieces), metadata.draft_token_ids.long(), list(metadata.num_draft_tokens),
-                     rows.is_greedy.to(target.device), q, sampling_metadata.generators)
+        rows_in = torch.full((logits.shape[0], V), float("-inf"), device=target.device)
+        rows_in[metadata.target_logits_indices] = target
+        rows_in[metadata.bonus_logits_indices, bonus] = 0.0
+        out = verify(rows_in, metadata.draft_token_ids.long(), list(metadata.num_draft_tokens),
+                     rows.is_greedy.to(target.device), draft_probs, sampling_metadata.generators)
         out = out.to(torch.int32)
-        self.record_outcomes(metadata, out)
 
         from vllm.v1.outputs import SamplerOutput
 
@@ -629,14 +722,23 @@ class DSparkWorkerMixin:
         return times
 
     def dspark_last_round(self) -> dict:
-        """The latest drafting round: req_id -> anchor, its position, drafted tokens, confidence logits."""
-        return self.model_runner.drafter.last_round
+        """Each request's latest drafting round (among the last 64 steps that drafted):
+        req_id -> anchor, its position, drafted tokens, confidence logits."""
+        out = {}
+        for r in self.model_runner.drafter.recent_rounds:  # oldest first: later rounds overwrite
+            logits = None if r.confidence_logits is None else r.confidence_logits.tolist()
+            for j, req_id in enumerate(r.req_ids):
+                out[req_id] = {"anchor": int(r.anchors[j]), "anchor_position": int(r.anchor_positions[j]),
+                               "tokens": r.tokens[j].tolist(),
+                               "confidence_logits": None if logits is None else logits[j]}
+        return out
 
     def dspark_info(self) -> dict:
         drafter = self.model_runner.drafter
         return {"runner": type(self.model_runner).__name__, "draft_model": drafter.options.draft_model,
                 "policy": drafter.policy.name, "shared_with_target": list(drafter.shared),
-                "calibrated": drafter.temperatures is not None,
+                "calibrated": drafter.temperatures is not None, "break_even_guard": drafter.guard is not None,
+                "draft_rounds": drafter.rounds_drafted,
                 "sps_profile": None if drafter.profile is None else drafter.profile.model_dump()}
 
 

@@ -11,7 +11,6 @@ lossless), the tokens emitted per drafting round and the speed of both.
 
 import argparse
 import os
-import tempfile
 import time
 
 os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
@@ -31,7 +30,7 @@ if __name__ == "__main__":
     paths = dspark_vllm.demo_paths()
     prompts = load_turns(paths["prompts"], args.num_prompts)
     params = SamplingParams(temperature=0.0, max_tokens=args.max_tokens, ignore_eos=True)
-    common = dict(max_model_len=2048, enforce_eager=True, dtype="float32")
+    common = dict(max_model_len=2048, enforce_eager=True)  # the checkpoint's dtype (bf16), as users run it
 
     def timed(llm):
         start = time.perf_counter()
@@ -44,16 +43,15 @@ if __name__ == "__main__":
     del plain_llm
     kwargs = dspark_vllm.engine_kwargs(paths["dspark"], verification=args.verification,
                                        calibration=paths["calibration"])
-    metrics_path = os.path.join(tempfile.mkdtemp(), "dspark-metrics.json")  # the plugin's counters
-    kwargs["additional_config"]["dspark"]["metrics_path"] = metrics_path
     llm = LLM(model=paths["target"], **kwargs, **common)
+    metrics_path = llm.llm_engine.vllm_config.additional_config["dspark"]["metrics_path"]  # the plugin's counters
     timed(llm)
     spec, spec_s = timed(llm)
     for prompt, text in zip(prompts, spec):
         print(f"--- prompt (last lines):\n{chr(10).join(prompt.splitlines()[-3:])}\n--- DSpark continues:\n{text}\n")
     stats = read_stats(metrics_path)
     rounds = stats.drafted[0] if stats else 0
-    tau = 1 + sum(stats.accepted) / rounds if rounds else float("nan")
+    tau = 1 + stats.accepted.sum() / rounds if rounds else float("nan")
     tokens = len(prompts) * args.max_tokens
     print(f"identical to plain decoding: {spec == plain}")
     print(f"policy {args.verification}: {tau:.2f} tokens per drafting round; "

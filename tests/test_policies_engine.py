@@ -32,9 +32,11 @@ def make_llm(fixture_paths, serve_files, verification, **extra):
     import dspark_vllm
     from vllm import LLM
 
+    # The break-even guard would skip this random drafter on a steep curve
+    # (tests/test_guard.py); here the policies themselves are under test.
     kwargs = dspark_vllm.engine_kwargs(fixture_paths["dspark"], verification=verification,
                                        calibration=serve_files["calibration"],
-                                       sps_profile=serve_files["steep"])
+                                       sps_profile=serve_files["steep"], break_even=False)
     return LLM(model=fixture_paths["target"], **kwargs, **COMMON,
                per_request_spec_decode_metrics="detailed", **extra)
 
@@ -76,7 +78,11 @@ def test_greedy_equals_plain_decoding_and_lengths_vary(scheduled, baseline, prom
     assert drafted > verified > accepted >= 0
     assert m["vllm:dspark_drafted_tokens[1]"] >= m["vllm:dspark_verified_tokens[1]"]
     assert m["vllm:dspark_profiled_step_time_seconds"] > 0 and m["vllm:dspark_step_time_seconds"] > 0
-    assert 0 <= m["vllm:dspark_calibration_error"] <= 1
+    predicted = [m[f"vllm:dspark_predicted_accepted_tokens[{k}]"] for k in range(1, BLOCK + 1)]
+    per_pos = [m[f"vllm:dspark_accepted_tokens[{k}]"] for k in range(1, BLOCK + 1)]
+    assert sum(predicted) > 0
+    assert m["vllm:dspark_calibration_error"] == pytest.approx(
+        sum(abs(p - a) for p, a in zip(predicted, per_pos)) / verified)
 
 
 def test_sampling_matches_target_distribution(scheduled, fixture_paths, prompts):
@@ -119,7 +125,7 @@ def test_bad_calibration_and_profile_files_fail_clearly(fixture_paths, serve_fil
             **dspark_vllm.engine_kwargs(fixture_paths["dspark"], verification="sync",
                                         calibration=str(wrong_block)))
     bad_profile = tmp_path / "sps.json"
-    bad_profile.write_text(json.dumps({"version": 1, "model": "m", "hardware": "h", "settings_key": "k",
+    bad_profile.write_text(json.dumps({"version": 2, "model": "m", "hardware": "h", "settings_key": "k",
                                        "created": "now", "table": [{"tokens": 4, "sps": -1.0}]}))
     with pytest.raises(Exception, match=r"table\[0\]\.sps must be > 0"):
         LLM(model=fixture_paths["target"], **COMMON,

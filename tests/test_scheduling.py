@@ -173,7 +173,7 @@ def test_synthetic_profiles():
         synthetic_profile("wavy")
 
 
-GOOD = {"version": 1, "model": "m", "hardware": "h", "settings_key": "k", "created": "2026-01-01",
+GOOD = {"version": 2, "model": "m", "hardware": "h", "settings_key": "k", "created": "2026-01-01",
         "table": [{"tokens": 1, "sps": 10.0}, {"tokens": 2, "sps": 9.0}, {"tokens": 4, "sps": 8.0},
                   {"tokens": 8, "sps": 5.0}]}
 
@@ -206,7 +206,10 @@ def _with(**changes):
     (_with(table_2_tokens=2), r"table\[2\]\.tokens = 2 is not greater than table\[1\]\.tokens = 2.*no duplicates"),
     (_with(table_2_tokens=16), r"table\[3\]\.tokens = 8 is not greater than table\[2\]\.tokens = 16.*sorted"),
     (_with(model=None), r"model is missing"),
-    (_with(version=2), r"version must be 1 \(got 2\)"),
+    (_with(version=1), r"version must be 2 \(got 1\)"),
+    (_with(draft_table=[{"requests": 0, "seconds": 0.1}]), r"draft_table\[0\]\.requests must be >= 1"),
+    (_with(draft_table=[{"requests": 2, "seconds": 0.1}, {"requests": 2, "seconds": 0.2}]),
+     r"draft_table\[1\]\.requests is not greater than draft_table\[0\]\.requests"),
     (_with(extra_field=1), r"extra_field is not a known field \(known: version, model"),
     ("[1, 2]", r"one JSON object"),
     ('{"table": [', r"not valid JSON \(line 1"),
@@ -462,16 +465,27 @@ def test_make_policy():
 
 def test_step_overhead_makes_verification_cheaper_relatively():
     """A fixed per-step cost the profile misses flattens SPS(B): Algorithm 1 then verifies more."""
-    from dspark_vllm.sps import WithOverhead
+    from dspark_vllm.sps import StepCost
 
     profile = synthetic_profile("steep", 512)
     conf = torch.full((16, 7), 0.8)
     policy = SyncPolicy()
     bare = policy.lengths(conf, 7, 16, profile=profile).sum()
-    padded = policy.lengths(conf, 7, 16, profile=WithOverhead(profile, 1.0)).sum()
+    padded = policy.lengths(conf, 7, 16, profile=StepCost(profile, 1.0)).sum()
     assert padded > bare
-    assert WithOverhead(profile, 0.0).sps(40) == pytest.approx(profile.sps(40))
-    assert 1 / WithOverhead(profile, 0.05).sps(40) == pytest.approx(1 / profile.sps(40) + 0.05)
+    assert StepCost(profile, 0.0).sps(40) == pytest.approx(profile.sps(40))
+    assert 1 / StepCost(profile, 0.05, 0.01).sps(40) == pytest.approx(1 / profile.sps(40) + 0.06)
+
+
+def test_draft_table_interpolates_round_time_by_requests():
+    from dspark_vllm.sps import make_profile
+
+    profile = make_profile({1: 100.0}, "m", "h", {}, draft_points={1: 0.002, 5: 0.004})
+    assert profile.draft_seconds(0) == 0.0
+    assert profile.draft_seconds(1) == pytest.approx(0.002)
+    assert profile.draft_seconds(3) == pytest.approx(0.003)
+    assert profile.draft_seconds(9) == pytest.approx(0.006)  # the last slope beyond
+    assert make_profile({1: 100.0}, "m", "h", {}).draft_seconds(4) == 0.0  # unknown: not counted
 
 
 def test_linear_profile_interpolates_step_time_for_eager_engines():

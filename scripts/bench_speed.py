@@ -1,0 +1,210 @@
+"""Speed of DSpark against its peers, in one run: plain vLLM, DSpark under each
+policy, and vLLM's built-in n-gram speculation, on the same prompts and engine settings.
+
+    python scripts/bench_speed.py --target T --draft D --prompts P.jsonl \
+        --concurrency 1,4,16,64 --json OUT.json [--plot OUT.png] [--policies fixed,sync,async]
+        [--calibration CAL.json] [--max-tokens 128] [--num-prompts 64] [--raw] [--dtype auto]
+
+One engine (AsyncLLM, in this process) per row: `plain`, `dspark-<policy>` and
+`ngram`. At concurrency c, c clients take the prompts from one queue, one
+request at a time, until every prompt was answered (so each level does the
+same work; c=1 is requests one by one, c=64 about one batch). Per row and c:
+
+  output_tokens_per_s   generated tokens / wall time of the level
+  ratio_to_plain        output_tokens_per_s / plain's at the same c
+  tau                   tokens emitted per drafting request and round, bonus
+                        included (DSpark: the plugin's counters; ngram: vLLM's)
+  drafting_step_fraction  share of engine steps in which the drafter ran
+                        (the break-even guard skips the others; DSpark only)
+  identical_to_plain    greedy: every answer equals plain decoding's (null when sampling)
+
+The model's own dtype by default (`--dtype auto`: what users run, bf16 for
+the default pair).
+"""
+
+import argparse
+import asyncio
+import gc
+import json
+import os
+import sys
+import time
+import uuid
+
+NGRAM = {"method": "ngram", "num_speculative_tokens": 7, "prompt_lookup_max": 4, "prompt_lookup_min": 2}
+
+
+def parse_args(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--target", required=True)
+    ap.add_argument("--draft", required=True)
+    ap.add_argument("--prompts", required=True, help='JSONL of {"turns": [...]}')
+    ap.add_argument("--json", required=True)
+    ap.add_argument("--plot", default=None)
+    ap.add_argument("--concurrency", default="1,4,16,64")
+    ap.add_argument("--policies", default="fixed,sync,async")
+    ap.add_argument("--no-ngram", action="store_true", help="leave out vLLM's n-gram speculation")
+    ap.add_argument("--calibration", default=None, help="STS calibration JSON for the policies")
+    ap.add_argument("--sps-profile", default=None, help="engine cost table instead of profiling")
+    ap.add_argument("--num-prompts", type=int, default=64)
+    ap.add_argument("--max-tokens", type=int, default=128)
+    ap.add_argument("--temperature", type=float, default=0.0)
+    ap.add_argument("--max-model-len", type=int, default=1024)
+    ap.add_argument("--raw", action="store_true", help="prompts are raw text (base/code model)")
+    ap.add_argument("--dtype", default="auto", help="engine dtype (default: the checkpoint's)")
+    return ap.parse_args(argv)
+
+
+async def run_level(engine, prompts, concurrency, params):
+    """c clients drain one queue of prompts; returns ({prompt index: token ids}, wall seconds)."""
+    queue = list(range(len(prompts)))[::-1]
+    answers = {}
+
+    async def client():
+        while queue:
+            i = queue.pop()
+            final = None
+            async for out in engine.generate({"prompt_token_ids": prompts[i]}, params, request_id=uuid.uuid4().hex):
+                final = out
+            answers[i] = list(final.outputs[0].token_ids)
+
+    start = time.perf_counter()
+    await asyncio.gather(*(client() for _ in range(concurrency)))
+    return answers, time.perf_counter() - start
+
+
+def dspark_counters(path):
+    from dspark_vllm.metrics import read_stats
+
+    s = read_stats(path)
+    if s is None:
+        return {"rounds": 0.0, "accepted": 0.0, "steps": 0.0, "drafting_steps": 0.0}
+    return {"rounds": float(s.drafted[0]), "accepted": float(s.accepted.sum()), "steps": float(s.steps[0]),
+            "drafting_steps": float(s.drafting_steps[0])}
+
+
+async def ngram_counters(engine):
+    """vLLM's own spec-decode counters (drafts and accepted tokens) from the Prometheus registry."""
+    from prometheus_client import REGISTRY
+
+    values = {}
+    for family in REGISTRY.collect():
+        for sample in family.samples:
+            if sample.name in ("vllm:spec_decode_num_drafts_total", "vllm:spec_decode_num_accepted_tokens_total"):
+                values[sample.name] = values.get(sample.name, 0.0) + sample.value
+    return {"rounds": values.get("vllm:spec_decode_num_drafts_total", 0.0),
+            "accepted": values.get("vllm:spec_decode_num_accepted_tokens_total", 0.0)}
+
+
+async def bench_engine(args, name, prompts, levels):
+    import dspark_vllm
+    from vllm import SamplingParams
+    from vllm.engine.arg_utils import AsyncEngineArgs
+    from vllm.v1.engine.async_llm import AsyncLLM
+
+    kwargs, metrics_path = {}, None
+    if name.startswith("dspark-"):
+        options = {k: v for k, v in (("calibration", args.calibration), ("sps_profile", args.sps_profile))
+                   if v is not None}
+        kwargs = dspark_vllm.engine_kwargs(args.draft, verification=name.removeprefix("dspark-"), **options)
+    elif name == "ngram":
+        kwargs = {"speculative_config": dict(NGRAM)}
+    engine = AsyncLLM.from_engine_args(AsyncEngineArgs(
+        model=args.target, dtype=args.dtype, max_model_len=args.max_model_len, enforce_eager=True,
+        max_num_seqs=max(levels), seed=0, disable_log_stats=name != "ngram", **kwargs))
+    if name.startswith("dspark-"):
+        metrics_path = engine.vllm_config.additional_config["dspark"]["metrics_path"]
+    params = SamplingParams(max_tokens=args.max_tokens, temperature=args.temperature, ignore_eos=True)
+    rows, answers = [], {}
+    try:
+        await run_level(engine, prompts[:2], 2, params)  # warm-up
+        for c in levels:
+            before = dspark_counters(metrics_path) if metrics_path else await ngram_counters(engine)
+            got, wall = await run_level(engine, prompts, c, params)
+            after = dspark_counters(metrics_path) if metrics_path else await ngram_counters(engine)
+            delta = {k: after[k] - before[k] for k in after}
+            tokens = sum(len(t) for t in got.values())
+            row = {"engine": name, "concurrency": c, "output_tokens_per_s": tokens / wall, "wall_s": wall,
+                   "requests": len(got), "tokens": tokens,
+                   "tau": 1 + delta["accepted"] / delta["rounds"] if delta["rounds"] else None}
+            if metrics_path:
+                row["drafting_step_fraction"] = delta["drafting_steps"] / max(delta["steps"], 1.0)
+            rows.append(row)
+            answers[c] = got
+            print(json.dumps(row), flush=True)
+    finally:
+        engine.shutdown()
+        del engine
+        gc.collect()
+    return rows, answers
+
+
+def plot(result, path):
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4))
+    for name in dict.fromkeys(r["engine"] for r in result["results"]):
+        rs = [r for r in result["results"] if r["engine"] == name]
+        xs = [r["concurrency"] for r in rs]
+        style = {"marker": "o", "linestyle": "--" if name in ("plain", "ngram") else "-"}
+        axes[0].plot(xs, [r["output_tokens_per_s"] for r in rs], label=name, **style)
+        axes[1].plot(xs, [r["ratio_to_plain"] for r in rs], label=name, **style)
+    axes[1].axhline(1.0, color="grey", linewidth=0.8)
+    for ax, title in zip(axes, ["output tokens/s", "speed relative to plain decoding"]):
+        ax.set_xscale("log", base=2)
+        ax.set_xlabel("concurrency")
+        ax.set_title(title)
+        ax.legend()
+    fig.suptitle(f"{os.path.basename(result['target'].rstrip('/'))}, {result['dtype']}, "
+                 f"T={result['temperature']}, {result['max_tokens']} tokens")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "2")
+    from transformers import AutoConfig, AutoTokenizer
+
+    from dspark_vllm.prompts import load_turns, prompt_token_ids
+
+    tok = AutoTokenizer.from_pretrained(args.target)
+    prompts = [prompt_token_ids(tok, t, args.raw) for t in load_turns(args.prompts, args.num_prompts)]
+    too_long = [i for i, p in enumerate(prompts) if len(p) + args.max_tokens > args.max_model_len]
+    if too_long:
+        sys.exit(f"prompts {too_long[:5]} do not fit: raise --max-model-len or lower --max-tokens")
+    levels = [int(x) for x in args.concurrency.split(",")]
+    names = ["plain"] + [f"dspark-{p}" for p in args.policies.split(",") if p] + ([] if args.no_ngram else ["ngram"])
+    results, answers = [], {}
+    for name in names:
+        rows, got = asyncio.run(bench_engine(args, name, prompts, levels))
+        results += rows
+        answers[name] = got
+    plain = {r["concurrency"]: r["output_tokens_per_s"] for r in results if r["engine"] == "plain"}
+    for r in results:
+        r["ratio_to_plain"] = r["output_tokens_per_s"] / plain[r["concurrency"]]
+        if args.temperature == 0:
+            r["identical_to_plain"] = answers[r["engine"]][r["concurrency"]] == answers["plain"][r["concurrency"]]
+    dtype = args.dtype if args.dtype != "auto" else str(AutoConfig.from_pretrained(args.target).dtype)
+    out = {"target": args.target, "draft": args.draft, "prompts": args.prompts, "num_prompts": len(prompts),
+           "max_tokens": args.max_tokens, "temperature": args.temperature, "dtype": dtype,
+           "calibration": args.calibration, "command": " ".join([os.path.basename(sys.argv[0])] + sys.argv[1:]),
+           "greedy_outputs_identical": (all(r["identical_to_plain"] for r in results)
+                                        if args.temperature == 0 else None),
+           "results": results}
+    with open(args.json, "w") as f:
+        json.dump(out, f, indent=2)
+    if args.plot:
+        plot(out, args.plot)
+    print(f"{'engine':16s}" + "".join(f"  c={c:<6d}" for c in levels))
+    for name in names:
+        ratios = {r["concurrency"]: r["ratio_to_plain"] for r in results if r["engine"] == name}
+        print(f"{name:16s}" + "".join(f"  {ratios[c]:6.2f}x" for c in levels))
+    print(f"wrote {args.json}; greedy outputs identical to plain: {out['greedy_outputs_identical']}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,100 @@
+"""The break-even guard: draft only where speculation beats plain decoding.
+
+On synthetic cost curves (no engine): a flat curve drafts, a steep one skips
+the drafter, and probing notices when speculation pays again. In a real
+engine with the steep example profile of configs/, the drafter forward is
+skipped and greedy output still equals plain decoding.
+"""
+
+from pathlib import Path
+
+import pytest
+
+from dspark_vllm.guard import BreakEvenGuard
+from dspark_vllm.sps import StepCost, synthetic_profile
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def cost(kind: str, requests: int = 1) -> StepCost:
+    profile = synthetic_profile(kind, 512)
+    return StepCost(profile, overhead_s=0.0, draft_s=profile.draft_seconds(requests))
+
+
+def seen(tau: float, verified: float = 7.0) -> BreakEvenGuard:
+    """A guard that has observed rounds emitting `tau` tokens per request."""
+    guard = BreakEvenGuard()
+    guard.observe(num_requests=4, num_verified=round(4 * verified), num_accepted=round(4 * (tau - 1)))
+    return guard
+
+
+def test_drafts_before_anything_is_measured():
+    assert BreakEvenGuard().should_draft(1, 0, cost("steep"))
+
+
+def test_flat_curve_drafts_steep_curve_skips():
+    # flat: a step costs 10 ms whatever B; a round 2.1 ms. 1.5 tokens per round pay for it.
+    assert seen(tau=1.5).should_draft(1, 0, cost("flat"))
+    # steep: 10 ms + 1 ms per token. Verifying 7 drafts for 1.5 tokens does not pay...
+    assert not seen(tau=1.5).should_draft(1, 0, cost("steep"))
+    # ...but 3 tokens per round do: (3 / 20.1 ms) > (1 / 11 ms).
+    assert seen(tau=3.0).should_draft(1, 0, cost("steep"))
+    speculative, plain = seen(tau=3.0).rates(1, 0, cost("steep"))
+    assert speculative == pytest.approx(3.0 / (0.010 + 0.008 + 0.0021))
+    assert plain == pytest.approx(1.0 / 0.011)
+
+
+def test_load_and_other_tokens_enter_the_decision():
+    """On the steep curve a batch of 64 pays 64 * 7 verified tokens: skip; alone it drafts."""
+    guard = seen(tau=2.6)
+    assert guard.should_draft(1, 0, cost("steep", 1))
+    assert not guard.should_draft(64, 0, cost("steep", 64))
+    # A 512-token prefill chunk in the same step makes the extra drafts relatively cheap.
+    assert guard.should_draft(64, 512, cost("steep", 64))
+
+
+def test_probing_resumes_drafting():
+    guard = seen(tau=1.5)
+    steep = cost("steep")
+    decisions = [guard.should_draft(1, 0, steep) for _ in range(3 * guard.probe_every)]
+    # skipped, except one probe every probe_every steps
+    assert decisions.count(True) == 3
+    assert all(decisions[i] == ((i + 1) % guard.probe_every == 0) for i in range(len(decisions)))
+    # the curve flattens (e.g. load fell on a padded engine): the next step drafts again
+    assert guard.should_draft(1, 0, cost("flat"))
+    # on the steep curve, probes that find the text predictable again bring drafting back
+    for _ in range(30):
+        guard.observe(num_requests=1, num_verified=7, num_accepted=5)
+    assert guard.tau > 5 and guard.should_draft(1, 0, steep)
+
+
+@pytest.mark.slow
+def test_engine_skips_the_drafter_on_a_steep_curve_and_stays_exact(fixture_paths, baseline, prompts):
+    import dspark_vllm
+    from vllm import LLM, SamplingParams
+
+    from engine_utils import COMMON, generate_ids
+
+    steep = ROOT / "configs" / "sps-steep-example.json"
+    llm = LLM(model=fixture_paths["target"], **COMMON,
+              **dspark_vllm.engine_kwargs(fixture_paths["dspark"], verification="sync", sps_profile=str(steep)))
+    params = SamplingParams(temperature=0.0, max_tokens=48, ignore_eos=True)
+    assert generate_ids(llm, prompts, params) == generate_ids(baseline, prompts, params)
+    [info] = llm.collective_rpc("dspark_info")
+    metrics = {m.name: m.value for m in llm.get_metrics() if m.name.startswith("vllm:dspark_") and hasattr(m, "value")
+               and not m.labels}
+    steps = metrics["vllm:dspark_engine_steps"]
+    # The random-weight drafter emits about 1.1 tokens per round: on a steep
+    # curve it never pays, so the drafter runs only on probes.
+    assert info["break_even_guard"] and 0 < info["draft_rounds"] < steps / 4
+    assert metrics["vllm:dspark_drafting_steps"] == info["draft_rounds"]
+    assert metrics["vllm:dspark_skipped_draft_step_fraction"] == pytest.approx(1 - info["draft_rounds"] / steps)
+    # without the guard the same engine drafts in (nearly) every step
+    del llm
+    llm = LLM(model=fixture_paths["target"], **COMMON,
+              **dspark_vllm.engine_kwargs(fixture_paths["dspark"], verification="sync", sps_profile=str(steep),
+                                          break_even=False))
+    assert generate_ids(llm, prompts, params) == generate_ids(baseline, prompts, params)
+    [info] = llm.collective_rpc("dspark_info")
+    steps = next(m.value for m in llm.get_metrics() if m.name == "vllm:dspark_engine_steps")
+    assert not info["break_even_guard"] and info["draft_rounds"] >= steps - 2  # all but prefill steps
