@@ -26,6 +26,8 @@ def main(argv=None) -> int:
     f.add_argument("--calibration", default=None, help="STS calibration JSON (scripts/calibrate.py)")
     f.add_argument("--sps-profile", default=None, help="engine cost table SPS(B) instead of profiling")
     f.add_argument("--sps-cache-dir", default=None, help="where measured SPS tables are cached")
+    f.add_argument("--no-break-even", action="store_true",
+                   help="draft in every step, even where the cost model expects plain decoding to be faster")
     sub.add_parser("demo-paths", help="print the default model pair's paths as JSON")
     args = ap.parse_args(argv)
     if args.cmd == "demo-paths":
@@ -38,6 +40,8 @@ def main(argv=None) -> int:
     options = {k: v for k, v in (("threshold", args.threshold), ("calibration", args.calibration),
                                  ("sps_profile", args.sps_profile),
                                  ("sps_cache_dir", args.sps_cache_dir)) if v is not None}
+    if args.no_break_even:
+        options["break_even"] = False
     try:
         flags = serve_flags(args.draft, num_speculative_tokens=args.num_speculative_tokens,
                             verification=args.verification, **options)

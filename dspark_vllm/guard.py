@@ -28,7 +28,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-import torch
+import numpy as np
 
 from .sps import StepCost
 
@@ -57,7 +57,7 @@ class BreakEvenGuard:
         """Expected tokens/s of (speculative, plain) for the next step."""
         R = num_requests
         b_spec = R + round(R * self.verified) + other_tokens
-        t_spec, t_plain = cost.step_seconds_many(torch.tensor([b_spec, R + other_tokens])).tolist()
+        t_spec, t_plain = cost.step_seconds(np.array([b_spec, R + other_tokens], dtype=np.int64)).tolist()
         t_plain -= cost.draft_s  # the plain step runs no drafter
         return R * (self.tau or 1.0) / t_spec, R / t_plain
 

@@ -36,6 +36,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, Literal
 
+import numpy as np
 import torch
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
@@ -106,10 +107,10 @@ class SPSProfile(BaseModel):
         return self.table[-1].tokens
 
     @functools.cached_property
-    def _columns(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """The table as tensors (sizes, sps), built once: sps_many runs every engine step."""
-        return (torch.tensor([p.tokens for p in self.table]),
-                torch.tensor([p.sps for p in self.table], dtype=torch.float64))
+    def _columns(self) -> tuple[np.ndarray, np.ndarray]:
+        """The table as arrays (sizes, sps), built once: lookups run every engine step."""
+        return (np.array([p.tokens for p in self.table], dtype=np.int64),
+                np.array([p.sps for p in self.table], dtype=np.float64))
 
     def sps_many(self, tokens: torch.Tensor) -> torch.Tensor:
         """SPS at each batch size in `tokens` (int tensor) as float64, on the CPU.
@@ -126,27 +127,30 @@ class SPSProfile(BaseModel):
         is treated as flat). With a single measurement, time grows in proportion
         to B (the compute-bound assumption).
         """
-        b = tokens.to(device="cpu", dtype=torch.long)
+        return torch.from_numpy(self.sps_array(tokens.to(device="cpu", dtype=torch.long).numpy()))
+
+    def sps_array(self, b: np.ndarray) -> np.ndarray:
+        """`sps_many` on int64 numpy arrays (a few microseconds: the per-step lookups use it)."""
         sizes, sps = self._columns
-        idx = torch.searchsorted(sizes, b).clamp(max=len(sizes) - 1)
+        idx = np.minimum(np.searchsorted(sizes, b), len(sizes) - 1)
         inside = sps[idx]
         if self.shape == "linear" and len(sizes) > 1:
-            lo = (idx - 1).clamp(min=0)
+            lo = np.maximum(idx - 1, 0)
             t_lo, t_hi = 1.0 / sps[lo], 1.0 / sps[idx]
-            span = (sizes[idx] - sizes[lo]).clamp(min=1).double()
-            frac = ((b - sizes[lo]).double() / span).clamp(0, 1)
+            span = np.maximum(sizes[idx] - sizes[lo], 1)
+            frac = np.clip((b - sizes[lo]) / span, 0.0, 1.0)
             inside = 1.0 / (t_lo + frac * (t_hi - t_lo))
-        t_last, b_last = 1.0 / sps[-1], sizes[-1].double()
+        t_last, b_last = 1.0 / sps[-1], float(sizes[-1])
         if len(sizes) > 1:
-            slope = ((t_last - 1.0 / sps[-2]) / (b_last - sizes[-2])).clamp(min=0)
+            slope = max(0.0, (t_last - 1.0 / sps[-2]) / (b_last - sizes[-2]))
         else:
             slope = t_last / b_last
-        beyond = 1.0 / (t_last + slope * (b.double() - b_last))
-        return torch.where(b > b_last, beyond, inside)
+        beyond = 1.0 / (t_last + slope * (b - b_last))
+        return np.where(b > b_last, beyond, inside)
 
     def sps(self, tokens: int) -> float:
         """SPS(B) for one batch size; see `sps_many`."""
-        return float(self.sps_many(torch.tensor([tokens]))[0])
+        return float(self.sps_array(np.array([tokens], dtype=np.int64))[0])
 
     @functools.cached_property
     def _draft_columns(self) -> tuple[list[int], list[float]]:
@@ -195,14 +199,15 @@ class StepCost:
     def __init__(self, profile: SPSProfile, overhead_s: float = 0.0, draft_s: float = 0.0):
         self.profile, self.overhead_s, self.draft_s = profile, max(0.0, overhead_s), max(0.0, draft_s)
 
-    def step_seconds_many(self, tokens: torch.Tensor) -> torch.Tensor:
-        return 1.0 / self.profile.sps_many(tokens) + self.overhead_s + self.draft_s
+    def step_seconds(self, tokens: np.ndarray) -> np.ndarray:
+        """Seconds of a step at each batch size (int64 array)."""
+        return 1.0 / self.profile.sps_array(tokens) + self.overhead_s + self.draft_s
 
     def sps_many(self, tokens: torch.Tensor) -> torch.Tensor:
-        return 1.0 / self.step_seconds_many(tokens)
+        return torch.from_numpy(1.0 / self.step_seconds(tokens.to(device="cpu", dtype=torch.long).numpy()))
 
     def sps(self, tokens: int) -> float:
-        return float(self.sps_many(torch.tensor([tokens]))[0])
+        return float(1.0 / self.step_seconds(np.array([tokens], dtype=np.int64))[0])
 
 
 # ---------------------------------------------------------------- building, loading

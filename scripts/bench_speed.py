@@ -188,7 +188,7 @@ def main(argv=None):
         r["ratio_to_plain"] = r["output_tokens_per_s"] / plain[r["concurrency"]]
         if args.temperature == 0:
             r["identical_to_plain"] = answers[r["engine"]][r["concurrency"]] == answers["plain"][r["concurrency"]]
-    dtype = args.dtype if args.dtype != "auto" else str(AutoConfig.from_pretrained(args.target).dtype)
+    dtype = args.dtype if args.dtype != "auto" else str(AutoConfig.from_pretrained(args.target).dtype).removeprefix("torch.")
     out = {"target": args.target, "draft": args.draft, "prompts": args.prompts, "num_prompts": len(prompts),
            "max_tokens": args.max_tokens, "temperature": args.temperature, "dtype": dtype,
            "calibration": args.calibration, "command": " ".join([os.path.basename(sys.argv[0])] + sys.argv[1:]),

@@ -79,9 +79,13 @@ class Attention(nn.Module):
         v = self.v_proj(x).view(-1, self.num_kv_heads, self.head_dim)
         return rotary.apply(k), v
 
-    def queries(self, x: torch.Tensor, rotary: Rotary) -> torch.Tensor:
+    def queries_keys_values(self, x: torch.Tensor, rotary: Rotary):
+        """Q [T, H, hd], K, V [T, Hkv, hd] of x [T, d]; Q and K rotated in one go."""
         q = self.q_norm(self.q_proj(x).view(-1, self.num_heads, self.head_dim))
-        return rotary.apply(q)
+        k = self.k_norm(self.k_proj(x).view(-1, self.num_kv_heads, self.head_dim))
+        v = self.v_proj(x).view(-1, self.num_kv_heads, self.head_dim)
+        q, k = rotary.apply(torch.cat([q, k], dim=1)).split([self.num_heads, self.num_kv_heads], dim=1)
+        return q, k, v
 
 
 class MLP(nn.Module):
@@ -203,8 +207,7 @@ class DSparkDraftModel(nn.Module):
         for i, layer in enumerate(self.layers):
             h = layer.input_layernorm(x)
             attn = layer.self_attn
-            k, v = attn.keys_values(h, rotary)
-            out = attend(i, attn.queries(h, rotary), k, v)
+            out = attend(i, *attn.queries_keys_values(h, rotary))
             x = x + attn.o_proj(out)
             x = x + layer.mlp(layer.post_attention_layernorm(x))
         return self.norm(x)
@@ -247,6 +250,18 @@ def init_draft(cfg: DSparkConfig, embed: torch.Tensor, lm_head: torch.Tensor, se
     return model
 
 
+def grouped_query_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """Dense attention in float32, K/V heads repeated to the query heads (GQA).
+
+    q [..., H, T, hd], k / v [..., Hkv, S, hd], mask (True = attend) broadcastable
+    to [..., H, T, S]. The reference for training and for tests; serving attends
+    through vLLM's paged kernels instead.
+    """
+    rep = q.shape[-3] // k.shape[-3]
+    return F.scaled_dot_product_attention(q.float(), k.repeat_interleave(rep, -3).float(),
+                                          v.repeat_interleave(rep, -3).float(), attn_mask=mask)
+
+
 def dense_block_attention(ctx_k, ctx_v, ctx_len: torch.Tensor, block_size: int) -> AttendFn:
     """Reference attention: each request's block attends to its own context and block.
 
@@ -264,12 +279,7 @@ def dense_block_attention(ctx_k, ctx_v, ctx_len: torch.Tensor, block_size: int) 
         S = ctx_k[i].shape[1]
         valid = torch.arange(S + block_size, device=q.device)[None, :] < (ctx_len[:, None])
         valid[:, S:] = True
-        mask = valid[:, None, None, :]
-        rep = H // keys.shape[1]
-        out = F.scaled_dot_product_attention(
-            q.float(), keys.repeat_interleave(rep, 1).float(), vals.repeat_interleave(rep, 1).float(),
-            attn_mask=mask,
-        )
+        out = grouped_query_attention(q, keys, vals, valid[:, None, None, :])
         return out.transpose(1, 2).reshape(B * block_size, H * hd).to(q.dtype)
 
     return attend

@@ -15,9 +15,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
 
-from ..model.dspark import AttendFn, DSparkDraftModel
+from ..model.dspark import AttendFn, DSparkDraftModel, grouped_query_attention
 
 
 def anchor_candidates(loss_mask: torch.Tensor) -> torch.Tensor:
@@ -69,11 +68,7 @@ def dense_training_attention(ctx_kv, mask: torch.Tensor) -> AttendFn:
         H, hd = q.shape[1], q.shape[2]
         keys = torch.cat([ctx_k, k], dim=0).transpose(0, 1)  # [Hkv, S+T, hd]
         vals = torch.cat([ctx_v, v], dim=0).transpose(0, 1)
-        rep = H // keys.shape[0]
-        out = F.scaled_dot_product_attention(
-            q.transpose(0, 1).float(), keys.repeat_interleave(rep, 0).float(),
-            vals.repeat_interleave(rep, 0).float(), attn_mask=mask[None],
-        )  # [H, T, hd]
+        out = grouped_query_attention(q.transpose(0, 1), keys, vals, mask[None])  # [H, T, hd]
         return out.transpose(0, 1).reshape(q.shape[0], H * hd).to(q.dtype)
 
     return attend
