@@ -34,7 +34,7 @@ import numpy as np
 import torch
 from pydantic import BaseModel, ConfigDict, ValidationError
 
-from .model.config import DSparkConfigError
+from .model.config import DSparkConfigError, explain_validation_error
 
 RECALIBRATE = "recalibrate with scripts/calibrate.py"
 
@@ -275,10 +275,7 @@ def load_calibration(path: str | Path, block_size: int | None = None) -> Calibra
     try:
         calibration = CalibrationFile.model_validate(data)
     except ValidationError as e:
-        err = e.errors()[0]
-        field = ".".join(str(x) for x in err["loc"])
-        raise DSparkConfigError(f"{source}: field '{field}': {err['msg'].lower()}; "
-                                f"{RECALIBRATE}.") from None
+        raise DSparkConfigError(f"{source}: {explain_validation_error(e)}; {RECALIBRATE}.") from None
     calibration.check(source)
     if block_size is not None and calibration.block_size != block_size:
         raise DSparkConfigError(

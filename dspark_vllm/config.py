@@ -8,7 +8,7 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, ValidationError
 
-from .model.config import DSparkConfigError
+from .model.config import DSparkConfigError, explain_validation_error
 
 PROPOSER_PATH = "dspark_vllm.DSparkProposer"
 DEFAULT_PAIR = Path(__file__).parent / "assets" / "default_pair"
@@ -63,10 +63,8 @@ def options_from_additional_config(additional_config: dict | None) -> DSparkOpti
     try:
         return DSparkOptions(**raw)
     except ValidationError as e:
-        first = e.errors()[0]
-        field = ".".join(str(p) for p in first["loc"])
         raise DSparkConfigError(
-            f"additional_config['dspark'].{field}: {first['msg']} (got {first.get('input')!r}). "
+            f"additional_config['dspark'].{explain_validation_error(e)}. "
             f"Known fields: {', '.join(DSparkOptions.model_fields)}."
         ) from None
 

@@ -9,14 +9,13 @@ the target's, as DeepSpec does). Everything is seeded and offline.
 
 from __future__ import annotations
 
-import json
 import sysconfig
 from pathlib import Path
 
 import torch
 
 from .model.checkpoint import save_checkpoint
-from .model.config import DSparkConfig
+from .model.config import DSparkConfig, draft_config_for
 from .model.dspark import DSparkDraftModel, init_draft
 
 SPECIAL_TOKENS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<|mask|>"]
@@ -84,34 +83,6 @@ def make_target(out: str | Path, vocab_size: int = 512, hidden_size: int = 128, 
         model.lm_head.weight.mul_(logit_scale)
     model.save_pretrained(out, safe_serialization=True)
     return model, tok
-
-
-def draft_config_for(target_cfg, block_size: int = 7, num_layers: int = 2, markov_rank: int = 16,
-                     target_layer_ids=None, confidence: bool = True, head_type: str = "vanilla",
-                     mask_token_id: int | None = None) -> DSparkConfig:
-    """A DeepSpec-style draft config: the target's config plus the DSpark keys."""
-    d = target_cfg.to_dict()
-    n = target_cfg.num_hidden_layers
-    d.update(
-        architectures=["Qwen3DSparkModel"],
-        num_target_layers=n,
-        num_hidden_layers=num_layers,
-        block_size=block_size,
-        tie_word_embeddings=False,
-        layer_types=["full_attention"] * num_layers,
-        mask_token_id=mask_token_id if mask_token_id is not None else target_cfg.vocab_size - 1,
-        target_layer_ids=list(target_layer_ids or range(0, n - 1)),
-        enable_confidence_head=confidence,
-        markov_rank=markov_rank,
-    )
-    d["rope_parameters"] = {"rope_theta": getattr(target_cfg, "rope_theta", None)
-                            or (target_cfg.rope_parameters or {}).get("rope_theta", 1e6),
-                            "rope_type": "default"}
-    if confidence:
-        d["confidence_head_with_markov"] = markov_rank > 0
-    if markov_rank:
-        d["markov_head_type"] = head_type
-    return DSparkConfig.from_dict(json.loads(json.dumps(d, default=str)))
 
 
 def init_draft_from_target(cfg: DSparkConfig, target_model, seed: int = 0, std: float = 0.02) -> DSparkDraftModel:

@@ -29,6 +29,7 @@ from collections import deque
 from dataclasses import dataclass, field
 from typing import Protocol
 
+import numpy as np
 import torch
 
 from .model.config import DSparkConfigError
@@ -36,6 +37,9 @@ from .sps import SPSProfile
 
 
 class VerificationPolicy(Protocol):
+    """Policies run on the host in numpy: per step they handle a few hundred
+    numbers, where each torch op would cost more than the arithmetic."""
+
     name: str
 
     def lengths(self, confidences: torch.Tensor | None, max_len: int, num_reqs: int,
@@ -69,14 +73,14 @@ class ThresholdPolicy:
 
     def lengths(self, confidences, max_len, num_reqs, other_tokens=0, profile=None):
         survival = prefix_survival(confidences, max_len, num_reqs, self.name)
-        passes = (survival >= self.threshold).long().cumprod(-1)
-        return passes.sum(-1)
+        passes = (survival >= self.threshold).cumprod(-1)
+        return torch.from_numpy(passes.sum(-1).astype(np.int64))
 
 
 # ---------------------------------------------------------------- shared steps
 
-def prefix_survival(confidences: torch.Tensor | None, max_len: int, num_reqs: int, policy: str) -> torch.Tensor:
-    """a[r, k] = prod_{j<=k} c[r, j] for the first max_len slots, float64 on the CPU.
+def prefix_survival(confidences, max_len: int, num_reqs: int, policy: str) -> np.ndarray:
+    """a[r, k] = prod_{j<=k} c[r, j] for the first max_len slots, float64 on the host.
 
     Confidences are clamped to [0, 1] (NaN -> 0), so a is non-increasing along
     each request (a float product with a factor <= 1 never grows).
@@ -86,49 +90,51 @@ def prefix_survival(confidences: torch.Tensor | None, max_len: int, num_reqs: in
             f"verification={policy!r} needs a draft checkpoint with a confidence head "
             "('enable_confidence_head': true); use verification='fixed' for this draft."
         )
-    if confidences.dim() != 2 or confidences.shape[0] != num_reqs or confidences.shape[1] < max_len:
+    if confidences.ndim != 2 or confidences.shape[0] != num_reqs or confidences.shape[1] < max_len:
         raise ValueError(
             f"confidences have shape {tuple(confidences.shape)}, expected ({num_reqs}, >= {max_len}) "
             "= (num_reqs, max_len)"
         )
-    c = confidences[:, :max_len].detach().to("cpu", torch.float64)
-    return c.nan_to_num(0.0).clamp(0.0, 1.0).cumprod(-1)
+    c = confidences[:, :max_len]
+    c = c.detach().to("cpu", torch.float64).numpy() if isinstance(c, torch.Tensor) else np.asarray(c, np.float64)
+    return np.clip(np.nan_to_num(c, nan=0.0), 0.0, 1.0).cumprod(-1)
 
 
-def candidates(survival: torch.Tensor):
-    """Draft slots with a > 0, best first: (a, request, slot), three 1-D tensors.
+def candidates(survival: np.ndarray):
+    """Draft slots with a > 0, best first: (a, request, slot), three 1-D arrays.
 
     Ties go to the shallower slot, then to the lower request index. So a
     slot's predecessor (same request, a >= its own) always comes first.
     """
     num_reqs, max_len = survival.shape
-    a = survival.t().reshape(-1)  # slot-major: index = slot * num_reqs + request
-    req = torch.arange(num_reqs).repeat(max_len)
-    slot = torch.arange(max_len).repeat_interleave(num_reqs)
+    a = survival.T.reshape(-1)  # slot-major: index = slot * num_reqs + request
+    req = np.tile(np.arange(num_reqs), max_len)
+    slot = np.repeat(np.arange(max_len), num_reqs)
     keep = a > 0
     a, req, slot = a[keep], req[keep], slot[keep]
-    order = torch.sort(a, descending=True, stable=True).indices  # stable: ties keep (slot, request) order
+    order = np.argsort(-a, kind="stable")  # stable: ties keep (slot, request) order
     return a[order], req[order], slot[order]
 
 
-def admitted_lengths(req: torch.Tensor, slot: torch.Tensor, n: int, num_reqs: int) -> torch.Tensor:
+def admitted_lengths(req: np.ndarray, slot: np.ndarray, n: int, num_reqs: int) -> torch.Tensor:
     """Per-request lengths when the first n candidates are admitted.
 
     Checks that the admitted slots of every request are a prefix 0..len-1: a
     slot is admissible only after its predecessor. `candidates` guarantees it.
     """
     req, slot = req[:n], slot[:n]
-    lengths = torch.bincount(req, minlength=num_reqs)
-    deepest = torch.full((num_reqs,), -1, dtype=torch.long).scatter_reduce(0, req, slot, "amax")
-    if not torch.equal(deepest + 1, lengths):
+    lengths = np.bincount(req, minlength=num_reqs)
+    deepest = np.full(num_reqs, -1)
+    np.maximum.at(deepest, req, slot)
+    if not np.array_equal(deepest + 1, lengths):
         raise RuntimeError("admitted slots are not a prefix of their block (non-monotone survival)")
-    return lengths
+    return torch.from_numpy(lengths.astype(np.int64))
 
 
 def need_profile(bound: SPSProfile | None, given: SPSProfile | None, policy: str) -> SPSProfile:
     """The profile passed to this call, else the one bound at construction."""
     profile = given if given is not None else bound
-    if not hasattr(profile, "sps_many"):  # an SPSProfile, or an sps.StepCost
+    if not hasattr(profile, "sps_array"):  # an SPSProfile, or an sps.StepCost
         raise DSparkConfigError(
             f"verification={policy!r} needs an SPS profile (the engine's measured steps/s per batch "
             f"size, see dspark_vllm.sps); got {type(profile).__name__}. Profile the engine or load a "
@@ -137,14 +143,14 @@ def need_profile(bound: SPSProfile | None, given: SPSProfile | None, policy: str
     return profile
 
 
-def batch_sps(profile: SPSProfile, num_reqs: int, other_tokens: int, num_candidates: int) -> torch.Tensor:
+def batch_sps(profile: SPSProfile, num_reqs: int, other_tokens: int, num_candidates: int) -> np.ndarray:
     """SPS(B) after admitting 0, 1, ..., num_candidates drafts: B = num_reqs + other_tokens + n.
 
     Every request sends its anchor (bonus) row even when it verifies no draft.
     `other_tokens` are tokens of the same forward pass the scheduler does not
     control (e.g. prefill chunks); 0 gives the paper's objective.
     """
-    return profile.sps_many(num_reqs + other_tokens + torch.arange(num_candidates + 1))
+    return profile.sps_array(num_reqs + other_tokens + np.arange(num_candidates + 1))
 
 
 # ---------------------------------------------------------------- paper Algorithm 1
@@ -179,16 +185,16 @@ class SyncPolicy:
         profile = need_profile(self.profile, profile, self.name)
         survival = prefix_survival(confidences, max_len, num_reqs, self.name)
         a, req, slot = candidates(survival)
-        tokens = num_reqs + torch.cat([a.new_zeros(1), a.cumsum(0)])  # E[tokens] after 0..N admissions
+        tokens = num_reqs + np.concatenate([[0.0], a.cumsum()])  # E[tokens] after 0..N admissions
         theta = tokens * batch_sps(profile, num_reqs, other_tokens, len(a))
         raises = theta[1:] > theta[:-1]
-        n = int(raises.long().cumprod(0).sum())  # admissions before the first non-improvement
+        n = int(raises.cumprod().sum())  # admissions before the first non-improvement
         return admitted_lengths(req, slot, n, num_reqs)
 
 
 # ---------------------------------------------------------------- paper section 5.2
 
-def stale_budget(stale: torch.Tensor, stale_reqs: int, num_reqs: int, max_len: int,
+def stale_budget(stale, stale_reqs: int, num_reqs: int, max_len: int,
                  profile: SPSProfile, other_tokens: int = 0) -> int:
     """Drafts to verify this step, from an earlier step's sorted survivals `stale`.
 
@@ -200,15 +206,16 @@ def stale_budget(stale: torch.Tensor, stale_reqs: int, num_reqs: int, max_len: i
     no early stop: k = argmax_k E[tokens](k) * SPS(R + k) over 0..R*max_len,
     the smallest k on ties.
     """
-    k = torch.arange(num_reqs * max_len + 1, dtype=torch.float64)
-    m = (k * stale_reqs / num_reqs).clamp(max=len(stale))
-    whole = m.floor().long()
-    cum = torch.cat([stale.new_zeros(1), stale.cumsum(0)])
-    nxt = torch.cat([stale, stale.new_zeros(1)])
+    stale = np.asarray(stale, dtype=np.float64)
+    k = np.arange(num_reqs * max_len + 1, dtype=np.float64)
+    m = np.minimum(k * stale_reqs / num_reqs, len(stale))
+    whole = np.floor(m).astype(np.int64)
+    cum = np.concatenate([[0.0], stale.cumsum()])
+    nxt = np.concatenate([stale, [0.0]])
     top_m = cum[whole] + (m - whole) * nxt[whole]
     tokens = num_reqs + num_reqs / stale_reqs * top_m
     theta = tokens * batch_sps(profile, num_reqs, other_tokens, num_reqs * max_len)
-    return int(torch.argmax(theta))
+    return int(np.argmax(theta))
 
 
 @dataclass

@@ -3,7 +3,8 @@
 Both sides of speculative sampling need the same thing: the draft samples from
 q = process(draft logits) and verification compares with p = process(target
 logits), where `process` is vLLM's order of operations: divide by the
-temperature, then min-p, then top-k, then top-p (masked tokens get -inf).
+temperature, then top-k, then top-p (masked tokens get -inf; vLLM drops min-p under
+speculative decoding, see vllm_integration.sampling_rows).
 Greedy rows (temperature 0) are left as raw logits: only their argmax matters.
 """
 
@@ -23,7 +24,6 @@ class SamplingRows:
     temperature: torch.Tensor  # [N] float; < GREEDY_EPS = greedy
     top_k: torch.Tensor | None = None  # [N] int; <= 0 or >= vocab = off
     top_p: torch.Tensor | None = None  # [N] float; 1.0 = off
-    min_p: torch.Tensor | None = None  # [N] float; 0.0 = off
 
     @property
     def is_greedy(self) -> torch.Tensor:
@@ -32,17 +32,11 @@ class SamplingRows:
     def expand(self, repeats: torch.Tensor) -> "SamplingRows":
         """Repeat request row r `repeats[r]` times (requests -> token rows)."""
         rep = lambda t: None if t is None else t.repeat_interleave(repeats.to(t.device), dim=0)  # noqa: E731
-        return SamplingRows(rep(self.temperature), rep(self.top_k), rep(self.top_p), rep(self.min_p))
+        return SamplingRows(rep(self.temperature), rep(self.top_k), rep(self.top_p))
 
     def index(self, rows: torch.Tensor) -> "SamplingRows":
         pick = lambda t: None if t is None else t[rows.to(t.device)]  # noqa: E731
-        return SamplingRows(pick(self.temperature), pick(self.top_k), pick(self.top_p), pick(self.min_p))
-
-
-def apply_min_p(logits: torch.Tensor, min_p: torch.Tensor) -> torch.Tensor:
-    probs = logits.softmax(-1)
-    threshold = probs.max(-1, keepdim=True).values * min_p[:, None]
-    return logits.masked_fill(probs < threshold, float("-inf"))
+        return SamplingRows(pick(self.temperature), pick(self.top_k), pick(self.top_p))
 
 
 def apply_top_k(logits: torch.Tensor, top_k: torch.Tensor) -> torch.Tensor:
@@ -67,8 +61,6 @@ def process_logits(logits: torch.Tensor, rows: SamplingRows) -> torch.Tensor:
     logits = logits.float()
     temp = torch.where(rows.is_greedy, torch.ones_like(rows.temperature), rows.temperature)
     logits = logits / temp[:, None].to(logits.device)
-    if rows.min_p is not None:
-        logits = apply_min_p(logits, rows.min_p.to(logits.device).float())
     if rows.top_k is not None:
         logits = apply_top_k(logits, rows.top_k.to(logits.device))
     if rows.top_p is not None:

@@ -40,7 +40,7 @@ import numpy as np
 import torch
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
-from .model.config import DSparkConfigError
+from .model.config import DSparkConfigError, explain_validation_error
 
 PROFILE_VERSION = 2
 
@@ -203,8 +203,11 @@ class StepCost:
         """Seconds of a step at each batch size (int64 array)."""
         return 1.0 / self.profile.sps_array(tokens) + self.overhead_s + self.draft_s
 
+    def sps_array(self, tokens: np.ndarray) -> np.ndarray:
+        return 1.0 / self.step_seconds(tokens)
+
     def sps_many(self, tokens: torch.Tensor) -> torch.Tensor:
-        return torch.from_numpy(1.0 / self.step_seconds(tokens.to(device="cpu", dtype=torch.long).numpy()))
+        return torch.from_numpy(self.sps_array(tokens.to(device="cpu", dtype=torch.long).numpy()))
 
     def sps(self, tokens: int) -> float:
         return float(1.0 / self.step_seconds(np.array([tokens], dtype=np.int64))[0])
@@ -212,50 +215,14 @@ class StepCost:
 
 # ---------------------------------------------------------------- building, loading
 
-def _field(loc) -> str:
-    """('table', 3, 'sps') -> 'table[3].sps'."""
-    out = ""
-    for part in loc:
-        out += f"[{part}]" if isinstance(part, int) else (f".{part}" if out else str(part))
-    return out
-
-
-_MESSAGES = {  # pydantic error type -> what to say after the field name
-    "missing": "is missing",
-    "too_short": "must have at least {min_length} entries",
-    "greater_than": "must be > {gt:g}",
-    "greater_than_equal": "must be >= {ge:g}",
-    "int_type": "must be an integer",
-    "int_from_float": "must be an integer",
-    "float_type": "must be a number",
-    "finite_number": "must be a finite number",
-    "string_type": "must be a string",
-    "dict_type": "must be a JSON object",
-    "model_type": "must be a JSON object",
-    "list_type": "must be a list of {{\"tokens\": B, \"sps\": steps_per_second}}",
-    "literal_error": "must be {expected}",
-    "extra_forbidden": "is not a known field (known: " + ", ".join(SPSProfile.model_fields) + ")",
-}
-
-
-def _explain(err: dict) -> str:
-    field, kind = _field(err["loc"]), err["type"]
-    if kind == "value_error":  # our own check; it names its fields
-        return str(err["ctx"]["error"])
-    if kind == "model_type" and not err["loc"]:
-        return "the file must hold one JSON object"
-    what = _MESSAGES.get(kind, err["msg"]).format(**err.get("ctx", {}))
-    got = "" if kind == "missing" else f" (got {err.get('input')!r})"
-    return f"{field} {what}{got}"
-
-
 def _validated(data: Any, source: str, json_text: bool = False) -> SPSProfile:
     try:
         if json_text:
             return SPSProfile.model_validate_json(data)
         return SPSProfile.model_validate(data)
     except ValidationError as e:
-        raise DSparkConfigError(f"{source}: {_explain(e.errors()[0])}; re-profile or fix the file.") from None
+        raise DSparkConfigError(f"{source}: {explain_validation_error(e, SPSProfile.model_fields)}; "
+                                "re-profile or fix the file.") from None
 
 
 def make_profile(points, model: str, hardware: str, settings: dict, shape: str = "step",

@@ -41,6 +41,7 @@ from .sampling import SamplingRows, process_logits
 from .verification import PLACEHOLDER, verify
 
 logger = init_logger("vllm.dspark")  # under vLLM's logger so its handlers apply
+IDLE_S = 1.0  # a pause between engine steps longer than this is idleness, not step cost
 
 # ---------------------------------------------------------------------------
 # Config hook: fill in worker / scheduler classes, fail early on bad input.
@@ -496,6 +497,10 @@ class DSparkRunnerMixin:
     # -- step timing and metrics ------------------------------------------
     def execute_model(self, *args, **kwargs):
         self._dspark_step_start = time.perf_counter()
+        if self._dspark_step_end is not None and self._dspark_step_start - self._dspark_step_end > IDLE_S:
+            reset = getattr(self.drafter.policy, "reset", None)
+            if reset is not None:  # async: confidences from before an idle spell describe another batch
+                reset()
         return super().execute_model(*args, **kwargs)
 
     def _dspark_end_step(self, num_scheduled_tokens: int, num_drafting: int, budget: int,
@@ -659,7 +664,7 @@ class DSparkRejectionSampler(RejectionSampler):
     accepts a draft iff it is the target's argmax, exact for argmax drafts).
     Otherwise draft rows get vLLM's logits processors (penalties with the
     draft prefix, bad words, allowed tokens, min-tokens), then temperature,
-    min-p, top-k and top-p exactly in the order of vLLM's sampler, and
+    top-k and top-p exactly in the order of vLLM's sampler, and
     `verification.verify` compares them with the drafts' full q rows (the
     `draft_probs` the runner passes). The bonus token is sampled by vLLM's own
     sampler, as in plain decoding, independently of acceptance.

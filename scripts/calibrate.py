@@ -43,9 +43,7 @@ from dspark_vllm.calibration import (calibration_from_fit, cumulative_survival, 
 from dspark_vllm.model.checkpoint import TargetInfo, load_draft_model, validate_checkpoint
 from dspark_vllm.model.config import DSparkConfigError
 from dspark_vllm.prompts import load_turns, prompt_token_ids
-from dspark_vllm.proposer import draft_rounds
-from dspark_vllm.sampling import GREEDY_EPS
-from dspark_vllm.training.target import target_features, target_logits
+from dspark_vllm.rollout import rollout
 
 
 def parse_args(argv=None):
@@ -66,86 +64,6 @@ def parse_args(argv=None):
                     help="default: bfloat16 on cuda, float32 on cpu")
     ap.add_argument("--seed", type=int, default=0)
     return ap.parse_args(argv)
-
-
-@torch.inference_mode()
-def generate(target, prompt: list[int], max_tokens: int, temperature: float, eos: set[int]) -> list[int]:
-    """The target's continuation: greedy, or plain sampling at `temperature`."""
-    out = target(input_ids=torch.tensor([prompt], device=target.device), use_cache=True)
-    tokens: list[int] = []
-    for _ in range(max_tokens):
-        logits = out.logits[0, -1].float()
-        if temperature < GREEDY_EPS:
-            token = int(logits.argmax())
-        else:
-            token = int(torch.multinomial((logits / temperature).softmax(-1), 1))
-        tokens.append(token)
-        if token in eos:
-            break
-        out = target(input_ids=torch.tensor([[token]], device=target.device),
-                     past_key_values=out.past_key_values, use_cache=True)
-    return tokens
-
-
-def greedy_survival(drafts: torch.Tensor, text: torch.Tensor, anchors: torch.Tensor):
-    """S_k = 1[drafts 1..k match the text]; observed where the text covers slot k
-    or an earlier slot already failed."""
-    K = drafts.shape[1]
-    pos = anchors[:, None] + 1 + torch.arange(K, device=text.device)  # position slot k predicts
-    inside = pos < text.shape[0]
-    match = (drafts == text[pos.clamp(max=text.shape[0] - 1)]) & inside
-    survival = match.long().cumprod(1)
-    failed_before = torch.cat([torch.zeros_like(inside[:, :1]), (survival == 0)[:, :-1]], 1)
-    return survival.float(), inside | failed_before
-
-
-@torch.inference_mode()
-def sampled_survival(target, drafts, q, text, anchors, temperature: float):
-    """S_k = prod_{j<=k} min(1, p_j(d_j) / q_j(d_j)), p from the target on the drafted prefix.
-
-    Row b's target input is text[:a+1] + drafts[:K-1] (right-padded: a causal
-    model's real tokens never see the padding); the target's logits at positions
-    a .. a+K-1 are p_1..p_K.
-    """
-    B, K = drafts.shape
-    lens = anchors + K  # a + 1 context tokens + K - 1 drafts
-    ids = text.new_zeros(B, int(lens.max()))
-    for b, a in enumerate(anchors.tolist()):
-        ids[b, : a + 1] = text[: a + 1]
-        ids[b, a + 1: a + K] = drafts[b, :-1]
-    hidden = target.model(input_ids=ids).last_hidden_state
-    rows = torch.arange(B, device=ids.device)[:, None]
-    at = anchors[:, None] + torch.arange(K, device=ids.device)
-    p = (target_logits(target, hidden[rows, at]) / temperature).softmax(-1)  # [B, K, V]
-    p_d = p.gather(-1, drafts[..., None]).squeeze(-1)
-    q_d = q.float().gather(-1, drafts[..., None]).squeeze(-1)
-    accept = torch.where(q_d > 0, (p_d / q_d.clamp(min=1e-30)).clamp(max=1.0), torch.zeros_like(p_d))
-    return accept.cumprod(1), torch.ones_like(accept, dtype=torch.bool)
-
-
-def rollout(target, model, prompt: list[int], args, eos: set[int]):
-    """(confidence logits, survival, observed), each [rounds, K], for one prompt."""
-    dev = args.device
-    answer = generate(target, prompt, args.max_tokens, args.temperature, eos)
-    text = torch.tensor(prompt + answer, device=dev)
-    feats, _ = target_features(target, text[None], list(model.config.target_layer_ids))
-    feats = feats[0].to(next(model.parameters()).dtype)
-    # Anchors: every answer token that is not a final end-of-sequence token.
-    last = text.shape[0] - (1 if answer and answer[-1] in eos else 0)
-    all_anchors = torch.arange(len(prompt), last, device=dev)
-    out = ([], [], [])
-    for chunk in all_anchors.split(args.batch):
-        d = draft_rounds(model, feats, text, chunk, args.temperature)
-        if args.temperature < GREEDY_EPS:
-            surv, obs = greedy_survival(d.tokens, text, chunk)
-        else:
-            surv, obs = sampled_survival(target, d.tokens, d.probs, text, chunk, args.temperature)
-        keep = obs[:, 0]  # rounds with at least one observed slot
-        for acc, x in zip(out, (d.confidence_logits, surv, obs)):
-            acc.append(x[keep].float().cpu())
-    if not out[0]:
-        return None
-    return tuple(torch.cat(x).numpy() for x in out)
 
 
 def load_models(args):
@@ -174,7 +92,8 @@ def main(argv=None) -> int:
     turns = load_turns(args.prompts, limit=args.max_prompts)
     parts = []
     for i, turn in enumerate(turns):
-        rounds = rollout(target, model, prompt_token_ids(tokenizer, turn, raw=args.raw), args, eos)
+        rounds = rollout(target, model, prompt_token_ids(tokenizer, turn, raw=args.raw), args.max_tokens,
+                         args.temperature, eos, batch=args.batch)
         if rounds is not None:
             parts.append(rounds)
         print(f"[{i + 1}/{len(turns)}] {0 if rounds is None else len(rounds[0])} rounds",

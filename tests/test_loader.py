@@ -82,6 +82,8 @@ CASES = {
     "hidden_mismatch": (lambda c: c.update(hidden_size=64, head_dim=16), None, "hidden_size"),
     "block_size_missing": (lambda c: c.pop("block_size"), None, "block_size"),
     "bad_layer_ids": (lambda c: c.update(target_layer_ids=[0, 3]), None, "target_layer_ids"),
+    "unsorted_layer_ids": (lambda c: c.update(target_layer_ids=[1, 0]), None, "target_layer_ids"),
+    "other_target_depth": (lambda c: c.update(num_target_layers=36), None, "num_target_layers"),
     "bad_mask_token": (lambda c: c.update(mask_token_id=10**6), None, "mask_token_id"),
 }
 
@@ -123,3 +125,14 @@ def test_engine_start_fails_with_the_field(fixture_paths, tmp_path, case):
     kwargs["additional_config"]["dspark"]["draft_model"] = str(bad)
     with pytest.raises(Exception, match=field.replace(".", r"\.")):
         LLM(model=fixture_paths["target"], max_model_len=256, enforce_eager=True, **kwargs)
+
+
+def test_one_rule_for_target_layer_ids_in_serving_and_training():
+    """-1 (the embedding output) is allowed by the loader, the data builder and the feature
+    extractor alike; the last layer by none of them."""
+    from dspark_vllm.model.config import check_target_layer_ids
+
+    check_target_layer_ids([-1, 0, 2], 4)
+    for bad in ([0, 3], [2, 1], [-2, 0]):
+        with pytest.raises(DSparkConfigError, match="target_layer_ids"):
+            check_target_layer_ids(bad, 4)

@@ -389,7 +389,7 @@ def test_async_budget_follows_the_request_count():
     profile = synthetic_profile("steep", 2048)
     pool = torch.tensor([0.9 ** (j + 1) for j in range(7)], dtype=torch.float64)
     # One stale request, 16 now: the stale pool counts as if replicated 16 times.
-    replicated = stale_budget(pool.repeat_interleave(16), 16, 16, 7, profile)
+    replicated = stale_budget(pool.repeat_interleave(16).numpy(), 16, 16, 7, profile)
     assert 0 < stale_budget(pool, 1, 16, 7, profile) == replicated < 16 * 7
     policy = AsyncPolicy(profile)
     warm_async(policy, torch.full((1, 7), 0.9), 7)

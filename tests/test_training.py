@@ -97,11 +97,11 @@ def test_training_forward_equals_draft_block(hf_data, fixture_paths, head):
     from dspark_vllm.proposer import draft_block
     from dspark_vllm.sampling import SamplingRows
     from dspark_vllm.training.blocks import anchor_candidates, block_forward
-    from dspark_vllm.training.train import draft_config, init_draft, load_target_head
+    from dspark_vllm.training.train import draft_config, init_trainable_draft, load_target_head
 
     data = TrainingData(hf_data)
     cfg = TrainConfig(data=str(hf_data), target=fixture_paths["target"], out="unused", head=head, **TINY)
-    model = init_draft(draft_config(cfg, data), *load_target_head(cfg.target), seed=1).eval()
+    model = init_trainable_draft(draft_config(cfg, data), *load_target_head(cfg.target), seed=1).eval()
     if model.confidence_head is not None:  # spread the confidences
         torch.nn.init.normal_(model.confidence_head.proj.weight, std=0.3)
     s = data[1]

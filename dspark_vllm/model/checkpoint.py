@@ -17,7 +17,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from .config import DSparkConfig, DSparkConfigError
+from .config import DSparkConfig, DSparkConfigError, check_target_layer_ids
 from .dspark import DSparkDraftModel
 
 WEIGHTS_FILE = "model.safetensors"
@@ -58,12 +58,11 @@ def check_against_target(cfg: DSparkConfig, target: TargetInfo, source: str) -> 
             f"target model's hidden_size is {target.hidden_size}. Use a draft trained "
             f"for this target (or set 'target_hidden_size')."
         )
-    bad = [i for i in cfg.target_layer_ids if not (-1 <= i < target.num_hidden_layers - 1)]
-    if bad:
+    check_target_layer_ids(cfg.target_layer_ids, target.num_hidden_layers, source)
+    if cfg.num_target_layers is not None and cfg.num_target_layers != target.num_hidden_layers:
         raise DSparkConfigError(
-            f"{source}: 'target_layer_ids' {list(cfg.target_layer_ids)} contains {bad}, "
-            f"outside [-1, {target.num_hidden_layers - 2}] for a target with "
-            f"{target.num_hidden_layers} layers (the last layer is not allowed)."
+            f"{source}: 'num_target_layers' is {cfg.num_target_layers} but the target model has "
+            f"{target.num_hidden_layers} layers. Use a draft trained for this target."
         )
     if not 0 <= cfg.mask_token_id < cfg.vocab_size:
         raise DSparkConfigError(

@@ -134,3 +134,97 @@ class DSparkConfig:
         except json.JSONDecodeError as e:
             raise DSparkConfigError(f"{cfg_file}: not valid JSON ({e}).") from e
         return cls.from_dict(d, source=str(cfg_file))
+
+
+def draft_config_for(target_cfg, block_size: int = 7, num_layers: int = 2, markov_rank: int = 16,
+                     target_layer_ids=None, confidence: bool = True, head_type: str = "vanilla",
+                     mask_token_id: int | None = None) -> DSparkConfig:
+    """A DeepSpec-style draft config for a Hugging Face target config: the target's
+    config plus the DSpark keys (training and the test fixtures build drafters with it)."""
+    d = target_cfg.to_dict()
+    n = target_cfg.num_hidden_layers
+    d.update(
+        architectures=["Qwen3DSparkModel"],
+        num_target_layers=n,
+        num_hidden_layers=num_layers,
+        block_size=block_size,
+        tie_word_embeddings=False,
+        layer_types=["full_attention"] * num_layers,
+        mask_token_id=mask_token_id if mask_token_id is not None else target_cfg.vocab_size - 1,
+        target_layer_ids=list(target_layer_ids or range(0, n - 1)),
+        enable_confidence_head=confidence,
+        markov_rank=markov_rank,
+    )
+    d["rope_parameters"] = {"rope_theta": getattr(target_cfg, "rope_theta", None)
+                            or (target_cfg.rope_parameters or {}).get("rope_theta", 1e6),
+                            "rope_type": "default"}
+    if confidence:
+        d["confidence_head_with_markov"] = markov_rank > 0
+    if markov_rank:
+        d["markov_head_type"] = head_type
+    return DSparkConfig.from_dict(json.loads(json.dumps(d, default=str)))
+
+
+def check_target_layer_ids(layer_ids, num_target_layers: int, source: str = "target_layer_ids") -> None:
+    """The one rule for the target layers a drafter reads: strictly increasing ids in
+    -1 .. num_target_layers - 2, where -1 is the embedding output and l the output of
+    layer l (the last layer's output is final-normed in HF and is not allowed)."""
+    layer_ids = list(layer_ids)
+    bad = [i for i in layer_ids if not -1 <= i < num_target_layers - 1]
+    if bad or sorted(set(layer_ids)) != layer_ids:
+        raise DSparkConfigError(
+            f"{source}: 'target_layer_ids' {layer_ids} must be strictly increasing layers in "
+            f"[-1, {num_target_layers - 2}] for a target with {num_target_layers} layers "
+            f"(-1 is the embedding output; the last layer is not allowed)."
+        )
+
+
+# -- user messages for pydantic validation errors (one wording everywhere) ----------
+
+def field_path(loc) -> str:
+    """('table', 3, 'sps') -> 'table[3].sps'."""
+    out = ""
+    for part in loc:
+        out += f"[{part}]" if isinstance(part, int) else (f".{part}" if out else str(part))
+    return out
+
+
+_MESSAGES = {  # pydantic error type -> what to say after the field name
+    "missing": "is missing",
+    "too_short": "must have at least {min_length} entries",
+    "greater_than": "must be > {gt:g}",
+    "greater_than_equal": "must be >= {ge:g}",
+    "int_type": "must be an integer",
+    "int_from_float": "must be an integer",
+    "int_parsing": "must be an integer",
+    "float_type": "must be a number",
+    "float_parsing": "must be a number",
+    "finite_number": "must be a finite number",
+    "string_type": "must be a string",
+    "bool_type": "must be true or false",
+    "bool_parsing": "must be true or false",
+    "dict_type": "must be a JSON object",
+    "model_type": "must be a JSON object",
+    "list_type": "must be a list",
+    "literal_error": "must be {expected}",
+}
+
+
+def explain_validation_error(error, known_fields=()) -> str:
+    """'field what-is-wrong (got X)' for the first error of a pydantic ValidationError.
+
+    Checks across fields (model validators) keep their own message, which names
+    the fields; `known_fields` are listed when a field is not one of them.
+    """
+    err = error.errors()[0]
+    field, kind = field_path(err["loc"]), err["type"]
+    if kind == "value_error":
+        return str(err["ctx"]["error"])
+    if kind == "model_type" and not err["loc"]:
+        return "the file must hold one JSON object"
+    if kind == "extra_forbidden":
+        what = "is not a known field" + (f" (known: {', '.join(known_fields)})" if known_fields else "")
+    else:
+        what = _MESSAGES.get(kind, err["msg"]).format(**err.get("ctx", {}))
+    got = "" if kind in ("missing", "extra_forbidden") else f" (got {err.get('input')!r})"
+    return f"{field} {what}{got}"

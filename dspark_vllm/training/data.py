@@ -56,8 +56,9 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 from tqdm import tqdm
 
+from ..model.config import check_target_layer_ids
 from ..prompts import load_turns
-from ..prompts import prompt_token_ids as turn_token_ids
+from ..prompts import prompt_token_ids
 from .target import target_features
 
 FORMAT_VERSION = 1
@@ -132,14 +133,14 @@ def load_prompts(files: list[str], max_prompts: int | None = None) -> list[str]:
     return prompts
 
 
-def prompt_token_ids(tokenizer, prompts: list[str], chat_template: bool, enable_thinking: bool = False):
+def tokenize_prompts(tokenizer, prompts: list[str], chat_template: bool, enable_thinking: bool = False):
     """Token ids of each prompt: chat template with the generation prompt, or raw text."""
     if chat_template and not tokenizer.chat_template:
         raise ValueError(
             "the target's tokenizer has no chat template: pass chat_template=False "
             "(--raw) to use the turns as raw text prompts."
         )
-    return [turn_token_ids(tokenizer, p, raw=not chat_template, enable_thinking=enable_thinking)
+    return [prompt_token_ids(tokenizer, p, raw=not chat_template, enable_thinking=enable_thinking)
             for p in prompts]
 
 
@@ -287,13 +288,8 @@ def prepare_dir(cfg: DataConfig) -> tuple[dict, list[list[int]]]:
     text_cfg = AutoConfig.from_pretrained(cfg.target).get_text_config()
     n_layers, d = int(text_cfg.num_hidden_layers), int(text_cfg.hidden_size)
     layer_ids = cfg.target_layer_ids or default_target_layer_ids(n_layers, cfg.num_draft_layers)
-    bad = [l for l in layer_ids if not 0 <= l < n_layers - 1]
-    if bad or sorted(set(layer_ids)) != list(layer_ids):
-        raise ValueError(
-            f"target_layer_ids {layer_ids}: must be strictly increasing layers in "
-            f"0..{n_layers - 2} of this {n_layers}-layer target (the last layer is not allowed)."
-        )
-    ids = prompt_token_ids(tok, load_prompts(cfg.prompts, cfg.max_prompts), cfg.chat_template,
+    check_target_layer_ids(layer_ids, n_layers)
+    ids = tokenize_prompts(tok, load_prompts(cfg.prompts, cfg.max_prompts), cfg.chat_template,
                            cfg.enable_thinking)
     header = index_header(cfg, len(ids), layer_ids, d, n_layers)
     index_path = out / INDEX_FILE
@@ -382,7 +378,7 @@ def _reopen(cfg: DataConfig):
     header = {k: v for k, v in json.loads((Path(cfg.out) / INDEX_FILE).read_text()).items()
               if k not in ("num_samples", "complete", "shards")}
     tok = AutoTokenizer.from_pretrained(cfg.target)
-    ids = prompt_token_ids(tok, load_prompts(cfg.prompts, cfg.max_prompts), cfg.chat_template,
+    ids = tokenize_prompts(tok, load_prompts(cfg.prompts, cfg.max_prompts), cfg.chat_template,
                            cfg.enable_thinking)
     return header, ids
 

@@ -12,6 +12,8 @@ from __future__ import annotations
 
 import torch
 
+from ..model.config import check_target_layer_ids
+
 
 @torch.no_grad()
 def target_features(target, input_ids: torch.Tensor, layer_ids: list[int]):
@@ -21,13 +23,7 @@ def target_features(target, input_ids: torch.Tensor, layer_ids: list[int]):
     output of layer l; the very last entry is already final-normed, so a
     drafter must not read the last layer through it.
     """
-    n_layers = target.config.num_hidden_layers
-    bad = [l for l in layer_ids if not 0 <= l < n_layers - 1]
-    if bad:
-        raise ValueError(
-            f"target_layer_ids {bad} out of range: use layers 0..{n_layers - 2} of this "
-            f"{n_layers}-layer target (the last layer's output is final-normed)."
-        )
+    check_target_layer_ids(layer_ids, target.config.num_hidden_layers)
     out = target.model(input_ids=input_ids, output_hidden_states=True)
     features = torch.cat([out.hidden_states[l + 1] for l in layer_ids], dim=-1)
     return features, out.last_hidden_state

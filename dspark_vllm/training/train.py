@@ -33,9 +33,9 @@ from torch import nn
 from tqdm import tqdm
 
 from ..model.checkpoint import save_checkpoint
-from ..model.config import DSparkConfig
+from ..model.config import DSparkConfig, draft_config_for, explain_validation_error
 from ..model.dspark import DSparkDraftModel
-from ..model.dspark import init_draft as init_weights
+from ..model.dspark import init_draft
 from .blocks import block_forward, block_labels, sample_anchors
 from .data import TrainingData
 from .loss import AcceptanceStats, LossWeights, dspark_loss, warmup_cosine, weight_sum
@@ -94,11 +94,8 @@ class TrainConfig(BaseModel):
         try:
             return cls(**kw)
         except ValidationError as e:
-            err = e.errors()[0]
-            where = ".".join(str(p) for p in err["loc"])
-            if not where:  # a check across fields: the message names them
-                raise ValueError(f"TrainConfig: {err['msg'].removeprefix('Value error, ')}") from None
-            raise ValueError(f"TrainConfig.{where}: {err['msg']} (got {err.get('input')!r}).") from None
+            joint = "." if e.errors()[0]["loc"] else ": "  # a check across fields names them itself
+            raise ValueError(f"TrainConfig{joint}{explain_validation_error(e, cls.model_fields)}.") from None
 
     @property
     def loss_weights(self) -> LossWeights:
@@ -160,8 +157,6 @@ def draft_config(cfg: TrainConfig, data: TrainingData) -> DSparkConfig:
     """The drafter's DeepSpec config: the target's Qwen3 config plus the DSpark keys."""
     from transformers import AutoConfig
 
-    from ..fixtures import draft_config_for
-
     target_cfg = AutoConfig.from_pretrained(cfg.target).get_text_config()
     layer_ids = cfg.target_layer_ids or data.target_layer_ids
     missing = sorted(set(layer_ids) - set(data.target_layer_ids))
@@ -179,10 +174,10 @@ def draft_config(cfg: TrainConfig, data: TrainingData) -> DSparkConfig:
                             head_type="vanilla" if cfg.head == "none" else cfg.head, mask_token_id=mask)
 
 
-def init_draft(dcfg: DSparkConfig, embed: torch.Tensor, lm_head: torch.Tensor, seed: int,
-               std: float = 0.02) -> DSparkDraftModel:
+def init_trainable_draft(dcfg: DSparkConfig, embed: torch.Tensor, lm_head: torch.Tensor, seed: int,
+                         std: float = 0.02) -> DSparkDraftModel:
     """DeepSpec's init (model.dspark.init_draft) with the target's embed / LM head frozen."""
-    model = init_weights(dcfg, embed, lm_head, seed, std)
+    model = init_draft(dcfg, embed, lm_head, seed, std)
     model.embed_tokens.weight.requires_grad_(False)
     model.lm_head.weight.requires_grad_(False)
     return model
@@ -339,7 +334,7 @@ def train(cfg: TrainConfig | dict, rank: int = 0, world_size: int = 1,
         raise ValueError(f"out: {checkpoint_dir(cfg)} holds checkpoints of an earlier run; pass "
                          f"resume=True (--resume) to continue it, or use a new out directory.")
     dcfg = draft_config(cfg, data)
-    draft = init_draft(dcfg, *load_target_head(cfg.target), seed=cfg.seed, std=cfg.init_std).to(cfg.device)
+    draft = init_trainable_draft(dcfg, *load_target_head(cfg.target), seed=cfg.seed, std=cfg.init_std).to(cfg.device)
     feature_cols = feature_columns(data, dcfg)
     if feature_cols is not None:
         data = ColumnSelect(data, feature_cols)
