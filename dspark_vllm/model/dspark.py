@@ -55,7 +55,8 @@ class Rotary:
         self.cos, self.sin = angles.cos(), angles.sin()
 
     def apply(self, x: torch.Tensor) -> torch.Tensor:
-        """x [T, heads, head_dim] rotated; computed in float32, returned in x's dtype."""
+        """x [T, heads, head_dim] rotated; computed in float32, returned in x's dtype.
+        (Serving on the CPU swaps in vLLM's kernel, which rotates x in place.)"""
         x1, x2 = x.float().chunk(2, dim=-1)
         cos, sin = self.cos, self.sin
         return torch.cat([x1 * cos - x2 * sin, x2 * cos + x1 * sin], dim=-1).to(x.dtype)
