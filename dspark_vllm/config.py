@@ -11,6 +11,9 @@ from pydantic import BaseModel, ConfigDict, ValidationError
 from .model.config import DSparkConfigError, explain_validation_error
 
 PROPOSER_PATH = "dspark_vllm.DSparkProposer"
+# The verification policies (dspark_vllm/policies.py); the names live here only.
+POLICIES = ("fixed", "threshold", "sync", "async")
+NEEDS_CONFIDENCES = ("threshold", "sync", "async")
 DEFAULT_PAIR = Path(__file__).parent / "assets" / "default_pair"
 
 
@@ -35,7 +38,7 @@ class DSparkOptions(BaseModel):
     draft_model: str
     # fixed: verify the whole block; threshold: stop where survival < threshold;
     # sync: Algorithm 1 (greedy admission, early stop); async: section 5.2 budget.
-    verification: Literal["fixed", "threshold", "sync", "async"] = "fixed"
+    verification: Literal[POLICIES] = "fixed"
     threshold: float = 0.5
     # async: age in steps of the confidences that set the budget (paper: 2).
     async_delay: int = 2

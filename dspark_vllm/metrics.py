@@ -33,7 +33,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .policies import POLICIES
+from .config import POLICIES
 
 BUDGET_BUCKETS = (0, 1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024)
 _SCALARS = ("steps", "drafting_steps", "budget_sum", "step_time_sum", "profiled_step_time_sum",

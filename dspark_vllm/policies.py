@@ -32,6 +32,7 @@ from typing import Protocol
 import numpy as np
 import torch
 
+from .config import NEEDS_CONFIDENCES, POLICIES
 from .model.config import DSparkConfigError
 from .sps import SPSProfile
 
@@ -86,10 +87,7 @@ def prefix_survival(confidences, max_len: int, num_reqs: int, policy: str) -> np
     each request (a float product with a factor <= 1 never grows).
     """
     if confidences is None:
-        raise DSparkConfigError(
-            f"verification={policy!r} needs a draft checkpoint with a confidence head "
-            "('enable_confidence_head': true); use verification='fixed' for this draft."
-        )
+        raise no_confidence_head(policy)
     if confidences.ndim != 2 or confidences.shape[0] != num_reqs or confidences.shape[1] < max_len:
         raise ValueError(
             f"confidences have shape {tuple(confidences.shape)}, expected ({num_reqs}, >= {max_len}) "
@@ -270,8 +268,13 @@ class AsyncPolicy:
 
 # ---------------------------------------------------------------- construction
 
-POLICIES = ("fixed", "threshold", "sync", "async")
-NEEDS_CONFIDENCES = ("threshold", "sync", "async")
+
+
+def no_confidence_head(policy: str) -> DSparkConfigError:
+    return DSparkConfigError(
+        f"verification={policy!r} needs a draft checkpoint with a confidence head "
+        "('enable_confidence_head': true in its config.json); use verification='fixed' for this draft."
+    )
 
 
 def check_policy(name: str, options: dict, confidence_head: bool | None = None) -> None:
@@ -284,10 +287,7 @@ def check_policy(name: str, options: dict, confidence_head: bool | None = None) 
             f"verification={name!r} is not a known policy; choose one of {', '.join(POLICIES)}."
         )
     if confidence_head is False and name in NEEDS_CONFIDENCES:
-        raise DSparkConfigError(
-            f"verification={name!r} needs a draft checkpoint with a confidence head "
-            "('enable_confidence_head': true in its config.json); use verification='fixed' for this draft."
-        )
+        raise no_confidence_head(name)
     if name == "threshold":
         t = options.get("threshold", 0.5)
         if isinstance(t, bool) or not isinstance(t, (int, float)) or not 0.0 <= t <= 1.0:
