@@ -59,4 +59,4 @@ def test_dspark_is_exact_and_accepts_drafts_on_held_out_code(pair):
     assert generate_ids(llm, prompts, params) == expected
     stats = read_stats(llm.llm_engine.vllm_config.additional_config["dspark"]["metrics_path"])
     tau = 1 + sum(stats.accepted) / stats.drafted[0]
-    assert tau > 1.5, f"trained drafter should be accepted often on code, got {tau:.2f} tokens per round"
+    assert tau > 2.5, f"trained drafter should be accepted often on code, got {tau:.2f} tokens per round"
