@@ -206,11 +206,8 @@ class StepCost:
     def sps_array(self, tokens: np.ndarray) -> np.ndarray:
         return 1.0 / self.step_seconds(tokens)
 
-    def sps_many(self, tokens: torch.Tensor) -> torch.Tensor:
-        return torch.from_numpy(self.sps_array(tokens.to(device="cpu", dtype=torch.long).numpy()))
-
     def sps(self, tokens: int) -> float:
-        return float(1.0 / self.step_seconds(np.array([tokens], dtype=np.int64))[0])
+        return float(self.sps_array(np.array([tokens], dtype=np.int64))[0])
 
 
 # ---------------------------------------------------------------- building, loading

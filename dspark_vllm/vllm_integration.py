@@ -472,7 +472,7 @@ class DSparkRunnerMixin:
         # 2. Who can draft, and does drafting pay this step (break-even guard)?
         num_reqs = self.input_batch.num_reqs
         req_ids = self.input_batch.req_ids[:num_reqs]
-        gid, builder = self._dspark_group()
+        gid, _ = self._dspark_group()
         table = self.input_batch.block_table[gid]
         rows, anchors, anchor_pos = self._dspark_anchors(sampled_token_ids, num_reqs, table)
         scheduled = scheduler_output.num_scheduled_tokens
