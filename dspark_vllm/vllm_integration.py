@@ -65,6 +65,13 @@ def configure(vllm_config) -> None:
     if not uses_dspark(vllm_config):
         return
     options = options_from_additional_config(vllm_config.additional_config)
+    if vllm_config.parallel_config.pipeline_parallel_size > 1:
+        # vLLM builds drafters on the last pipeline stage only, which holds the hidden
+        # states of its own layers; the drafter reads layers spread over the whole model.
+        raise ValueError(
+            "DSpark does not support pipeline_parallel_size > 1: the drafter reads hidden states "
+            "of target layers from every pipeline stage, and vLLM runs drafters on the last stage "
+            "only. Use tensor_parallel_size to split the target instead.")
     draft_config = validate_checkpoint(
         options.draft_model,
         TargetInfo.from_hf_config(vllm_config.model_config.hf_config),
@@ -156,12 +163,12 @@ class DraftRound:
     confidence_logits: torch.Tensor | None  # [R, K]
 
 
-def round_rows(draft_round: DraftRound | None, req_ids: list[str]) -> np.ndarray:
-    """Row of each request in the round ([n] int64), -1 where it has none (e.g. the
-    placeholder drafts vLLM schedules for a resumed request)."""
-    if draft_round is None:
+def round_rows(round_req_ids: list[str] | None, req_ids: list[str]) -> np.ndarray:
+    """Row of each request in a round drafted for `round_req_ids` ([n] int64), -1 where
+    it has none (e.g. the placeholder drafts vLLM schedules for a resumed request)."""
+    if round_req_ids is None:
         return np.full(len(req_ids), -1, dtype=np.int64)
-    row_of = {req_id: r for r, req_id in enumerate(draft_round.req_ids)}
+    row_of = {req_id: r for r, req_id in enumerate(round_req_ids)}
     return np.fromiter((row_of.get(req_id, -1) for req_id in req_ids), dtype=np.int64, count=len(req_ids))
 
 
@@ -327,7 +334,7 @@ class DSparkProposer:
         """Per-position verified / accepted / predicted counts of this step's verification."""
         rows, self.verifying = self.verifying, None
         if rows is None:
-            rows = round_rows(self.round, req_ids)
+            rows = round_rows(self.round and self.round.req_ids, req_ids)
         out = output.cpu().numpy()
         nd = np.asarray(num_draft_tokens)
         accepted = (out != PLACEHOLDER).sum(-1) - 1
@@ -367,6 +374,27 @@ class _VllmRotary:
         x = x.contiguous()
         self.ops.rotary_embedding(self.positions, x.view(x.shape[0], -1), None, self.head_dim, self.cos_sin, True)
         return x
+
+
+def _tp_world_size() -> int:
+    try:
+        from vllm.distributed import get_tensor_model_parallel_world_size
+
+        return get_tensor_model_parallel_world_size()
+    except (AssertionError, ImportError):
+        return 1
+
+
+def _rng_state(device) -> torch.Tensor:
+    """The default generator's state on `device` (drafting's unseeded draws come from it)."""
+    return torch.cuda.get_rng_state(device) if device.type == "cuda" else torch.get_rng_state()
+
+
+def _set_rng_state(device, state: torch.Tensor) -> None:
+    if device.type == "cuda":
+        torch.cuda.set_rng_state(state, device)
+    else:
+        torch.set_rng_state(state)
 
 
 def _is_first_rank() -> bool:
@@ -433,9 +461,12 @@ class DSparkRunnerMixin:
         requests, and with zero rows (= a deterministic draft) where a request has none."""
         drafter: DSparkProposer = self.drafter
         req_ids = self.input_batch.req_ids[: len(metadata.num_draft_tokens)]
-        rows = drafter.verifying = round_rows(drafter.round, req_ids)
+        round_ids = drafter.round and drafter.round.req_ids
+        rows = drafter.verifying = round_rows(round_ids, req_ids)
         if self._draft_probs is None:
             return None
+        if self._draft_prob_req_ids is not round_ids:  # a follower rank holds the driver's q rows
+            rows = round_rows(self._draft_prob_req_ids, req_ids)
         # flat index (row * K + slot) of every scheduled draft, -1 for requests without a row
         nd = np.asarray(metadata.num_draft_tokens)
         slot = np.arange(nd.sum()) - np.repeat(np.cumsum(nd) - nd, nd)
@@ -458,9 +489,45 @@ class DSparkRunnerMixin:
         return rows, anchors, positions[rows]
 
     @torch.inference_mode()
-    def propose_draft_token_ids(self, scheduler_output, sampled_token_ids, sampling_metadata,
-                                hidden_states, sample_hidden_states, aux_hidden_states,
-                                spec_decode_metadata, common_attn_metadata, slot_mappings):
+    def propose_draft_token_ids(self, scheduler_output, sampled_token_ids, sampling_metadata, *args):
+        """Tensor-parallel ranks agree by construction: only the driver (TP rank 0) drafts.
+
+        vLLM schedules the driver's drafts on every rank, and greedy verification
+        reads only the target's (all-gathered, identical) logits, so the other ranks
+        need nothing more for greedy batches. Sampled verification also needs the
+        drafts' q rows and random draws identical to the driver's: the driver
+        broadcasts its q rows and the random-number state its drafting left behind
+        (`_dspark_share_round`), so that every rank accepts the same tokens. A rank
+        whose own drafter would have drafted differently (a near-tie) cannot diverge.
+        """
+        if _is_first_rank():
+            drafts = self._dspark_propose(scheduler_output, sampled_token_ids, sampling_metadata, *args)
+        else:
+            drafts = [[] for _ in range(self.input_batch.num_reqs)]  # never scheduled: only the driver's count
+        if _tp_world_size() > 1 and not sampling_metadata.all_greedy:
+            self._dspark_share_round(sampling_metadata)
+        return drafts
+
+    def _dspark_share_round(self, sampling_metadata) -> None:
+        """Driver -> other TP ranks: the round's q rows and the RNG states after drafting."""
+        from vllm.distributed import get_tp_group
+
+        generators = sampling_metadata.generators
+        if _is_first_rank():
+            shared = {"req_ids": self._draft_prob_req_ids, "probs": self._draft_probs,
+                      "rng": _rng_state(self.device),
+                      **{f"generator.{i}": g.get_state() for i, g in generators.items()}}
+            get_tp_group().broadcast_tensor_dict(shared, src=0)
+            return
+        shared = get_tp_group().broadcast_tensor_dict(src=0)
+        self._draft_probs, self._draft_prob_req_ids = shared["probs"], shared["req_ids"]
+        _set_rng_state(self.device, shared["rng"])
+        for i, g in generators.items():  # the same batch, so the same seeded requests
+            g.set_state(shared[f"generator.{i}"])
+
+    def _dspark_propose(self, scheduler_output, sampled_token_ids, sampling_metadata,
+                        hidden_states, sample_hidden_states, aux_hidden_states,
+                        spec_decode_metadata, common_attn_metadata, slot_mappings):
         drafter: DSparkProposer = self.drafter
         n = scheduler_output.total_num_scheduled_tokens
         # 1. Every scheduled token becomes draft context (prefill chunks too), drafting or not.
@@ -570,7 +637,17 @@ class DSparkRunnerMixin:
             cache_dir = opts.sps_cache_dir or os.path.expanduser("~/.cache/dspark_vllm/sps")
             path = sps_profile.cache_path(cache_dir, self.model_config.model, _hardware_name(self.device),
                                           settings)
-            if path.exists():
+            measure = not path.exists()
+            if _tp_world_size() > 1:
+                # Timing the target runs collective forwards: the driver decides for all ranks.
+                from vllm.distributed import get_tp_group
+
+                measure = get_tp_group().broadcast_object(measure, src=0)
+            if not _is_first_rank():  # only the driver drafts, so only it needs the profile
+                if measure:
+                    self._dspark_time_target(max_tokens)
+                return
+            if not measure:
                 profile, source = sps_profile.load_profile(path), f"cache {path}"
             else:
                 profile = self._dspark_measure_profile(max_tokens, settings)
@@ -579,18 +656,22 @@ class DSparkRunnerMixin:
         drafter.profile = profile
         logger.info("DSpark engine cost profile (%s): %s", source, profile.summary())
 
-    def _dspark_measure_profile(self, max_tokens: int, settings: dict):
-        """Time the target forward per batch size B and a drafting round per request count R.
-
-        The target runs vLLM's own dummy forward (same kernels and padding as
-        serving, without attention over a long context); the drafter runs the
-        serving path itself (`_dspark_draft` on the paged cache, over blocks
-        that no request owns yet: this runs before the engine serves).
-        """
+    def _dspark_time_target(self, max_tokens: int) -> dict[int, float]:
+        """Seconds of vLLM's own dummy target forward per batch size B (same kernels and
+        padding as serving, without attention over a long context). Every TP rank runs it."""
         points = {}
         for B in sps_profile.measure_sizes(max_tokens):
             self._dummy_run(B)
             points[B] = _best_time(lambda: self._dummy_run(B))
+        return points
+
+    def _dspark_measure_profile(self, max_tokens: int, settings: dict):
+        """Time the target forward per batch size B and a drafting round per request count R.
+
+        The drafter runs the serving path itself (`_dspark_draft` on the paged
+        cache, over blocks that no request owns yet: this runs before the engine serves).
+        """
+        points = self._dspark_time_target(max_tokens)
         drafts = {}
         for R in sps_profile.measure_sizes(self.scheduler_config.max_num_seqs, dense_upto=4, growth=2.0):
             self._dspark_dummy_draft(R)
