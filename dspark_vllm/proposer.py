@@ -51,7 +51,7 @@ def draft_block(
     state = head.init_state(B, hidden) if head is not None else None
     prev, drafted = anchors, []
     for k in range(num_tokens):
-        logits = base[:, k]
+        logits = sampling.add_bias(base[:, k])
         if head is not None:
             bias, state = head.step(prev, hidden[:, k], state)
             logits = logits + bias  # float32 base + model-dtype bias -> float32

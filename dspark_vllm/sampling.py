@@ -3,9 +3,10 @@
 Both sides of speculative sampling need the same thing: the draft samples from
 q = process(draft logits) and verification compares with p = process(target
 logits), where `process` is vLLM's order of operations: divide by the
-temperature, then top-k, then top-p (masked tokens get -inf; vLLM drops min-p under
-speculative decoding, see vllm_integration.sampling_rows).
-Greedy rows (temperature 0) are left as raw logits: only their argmax matters.
+temperature, then min-p, then top-k, then top-p (masked tokens get -inf).
+A logit bias comes before all of these (and before penalties), so callers add it
+to raw logits (`SamplingRows.add_bias`); it changes greedy rows' argmax too.
+Greedy rows (temperature 0) are otherwise left as raw logits: only their argmax matters.
 """
 
 from __future__ import annotations
@@ -24,19 +25,28 @@ class SamplingRows:
     temperature: torch.Tensor  # [N] float; < GREEDY_EPS = greedy
     top_k: torch.Tensor | None = None  # [N] int; <= 0 or >= vocab = off
     top_p: torch.Tensor | None = None  # [N] float; 1.0 = off
+    min_p: torch.Tensor | None = None  # [N] float; 0 = off
+    bias: torch.Tensor | None = None  # [N, V] float logit bias; 0 = off
 
     @property
     def is_greedy(self) -> torch.Tensor:
         return self.temperature < GREEDY_EPS
 
+    def _map(self, fn) -> "SamplingRows":
+        keep = lambda t: None if t is None else fn(t)  # noqa: E731
+        return SamplingRows(keep(self.temperature), keep(self.top_k), keep(self.top_p), keep(self.min_p),
+                            keep(self.bias))
+
     def expand(self, repeats: torch.Tensor) -> "SamplingRows":
         """Repeat request row r `repeats[r]` times (requests -> token rows)."""
-        rep = lambda t: None if t is None else t.repeat_interleave(repeats.to(t.device), dim=0)  # noqa: E731
-        return SamplingRows(rep(self.temperature), rep(self.top_k), rep(self.top_p))
+        return self._map(lambda t: t.repeat_interleave(repeats.to(t.device), dim=0))
 
     def index(self, rows: torch.Tensor) -> "SamplingRows":
-        pick = lambda t: None if t is None else t[rows.to(t.device)]  # noqa: E731
-        return SamplingRows(pick(self.temperature), pick(self.top_k), pick(self.top_p))
+        return self._map(lambda t: t[rows.to(t.device)])
+
+    def add_bias(self, logits: torch.Tensor) -> torch.Tensor:
+        """Raw logits plus the rows' logit bias (a new tensor when there is one)."""
+        return logits if self.bias is None else logits + self.bias.to(logits.device)
 
 
 def apply_top_k(logits: torch.Tensor, top_k: torch.Tensor) -> torch.Tensor:
@@ -56,11 +66,21 @@ def apply_top_p(logits: torch.Tensor, top_p: torch.Tensor) -> torch.Tensor:
     return logits.masked_fill(mask, float("-inf"))
 
 
+def apply_min_p(logits: torch.Tensor, min_p: torch.Tensor) -> torch.Tensor:
+    """Drop tokens whose probability is below min_p times the row's largest (vLLM's rule)."""
+    probs = logits.softmax(-1)
+    threshold = probs.amax(-1, keepdim=True) * min_p[:, None]
+    return logits.masked_fill(probs < threshold, float("-inf"))
+
+
 def process_logits(logits: torch.Tensor, rows: SamplingRows) -> torch.Tensor:
-    """Float32 logits whose softmax is the sampling distribution of each row."""
+    """Float32 logits whose softmax is the sampling distribution of each row
+    (from logits that already carry the rows' bias and penalties)."""
     logits = logits.float()
     temp = torch.where(rows.is_greedy, torch.ones_like(rows.temperature), rows.temperature)
     logits = logits / temp[:, None].to(logits.device)
+    if rows.min_p is not None:
+        logits = apply_min_p(logits, rows.min_p.to(logits.device).float())
     if rows.top_k is not None:
         logits = apply_top_k(logits, rows.top_k.to(logits.device))
     if rows.top_p is not None:

@@ -55,7 +55,10 @@ _SCHEDULER = "dspark_vllm.vllm_integration.DSparkScheduler"
 
 
 def uses_dspark(vllm_config) -> bool:
-    spec = vllm_config.speculative_config
+    return _is_dspark_spec(vllm_config.speculative_config)
+
+
+def _is_dspark_spec(spec) -> bool:
     return spec is not None and spec.method == "custom_class" and spec.model in (
         PROPOSER_PATH, "dspark_vllm.vllm_integration.DSparkProposer")
 
@@ -112,6 +115,26 @@ def install() -> None:
 
     check_and_update_config._dspark_wrapped = True
     platform_cls.check_and_update_config = staticmethod(check_and_update_config)
+    _allow_min_p_and_logit_bias()
+
+
+def _allow_min_p_and_logit_bias() -> None:
+    """vLLM 0.32 refuses min_p and logit_bias with any speculative decoding (its rejection
+    sampler cannot apply them); DSpark's verification applies both exactly, so requests
+    to a DSpark engine keep them. Other speculative methods keep vLLM's check."""
+    from vllm.sampling_params import SamplingParams
+
+    original = SamplingParams._validate_spec_decode
+    if getattr(original, "_dspark_wrapped", False):
+        return
+
+    @functools.wraps(original)
+    def _validate_spec_decode(self, speculative_config) -> None:
+        if not _is_dspark_spec(speculative_config):
+            original(self, speculative_config)
+
+    _validate_spec_decode._dspark_wrapped = True
+    SamplingParams._validate_spec_decode = _validate_spec_decode
 
 
 # ---------------------------------------------------------------------------
@@ -411,19 +434,30 @@ def _is_first_rank() -> bool:
 # ---------------------------------------------------------------------------
 
 
-def sampling_rows(sampling_metadata, num_reqs: int) -> SamplingRows:
-    """Per-request temperature / top-k / top-p from vLLM's metadata.
+def sampling_rows(sampling_metadata, num_reqs: int, vocab_size: int) -> SamplingRows:
+    """Per-request temperature / top-k / top-p / min-p / logit bias from vLLM's metadata.
 
-    (vLLM 0.32 drops its min-p and logit-bias processors whenever speculative
-    decoding is configured, so there is no min-p to read here.)
+    Min-p and logit bias come from vLLM's own processors, which vLLM 0.32 drops
+    whenever speculative decoding is configured and `_dspark_setup` puts back.
     """
+    from vllm.v1.sample.logits_processor import LogitBiasLogitsProcessor, MinPLogitsProcessor
+
+    procs = {type(p): p for p in sampling_metadata.logitsprocs.all}
+    bias = None
+    logit_bias = procs.get(LogitBiasLogitsProcessor)
+    if logit_bias is not None and logit_bias.biases:  # sparse (request, token, bias) -> dense rows
+        req, tok = logit_bias.logits_slice
+        bias = torch.zeros(num_reqs, vocab_size, device=logit_bias.bias_tensor.device)
+        bias.index_put_((req.long(), tok.long()), logit_bias.bias_tensor, accumulate=True)
     if sampling_metadata.all_greedy:
-        return SamplingRows(torch.zeros(num_reqs))
+        return SamplingRows(torch.zeros(num_reqs), bias=bias)
     temp = sampling_metadata.temperature
     temp = torch.zeros(num_reqs) if temp is None else temp[:num_reqs].float().cpu()
     top_k = None if sampling_metadata.top_k is None else sampling_metadata.top_k[:num_reqs].cpu()
     top_p = None if sampling_metadata.top_p is None else sampling_metadata.top_p[:num_reqs].float().cpu()
-    return SamplingRows(temp, top_k, top_p)
+    min_p = procs.get(MinPLogitsProcessor)
+    min_p = min_p.min_p[:num_reqs, 0] if min_p is not None and min_p.min_p_count else None
+    return SamplingRows(temp, top_k, top_p, min_p, bias)
 
 
 class DSparkRunnerMixin:
@@ -436,6 +470,22 @@ class DSparkRunnerMixin:
         self._dspark_step_start = None
         self._dspark_step_end = None
         self._dspark_attn = None  # (kv cache group, metadata builder) of the draft layers
+        self._dspark_restore_logits_processors()
+
+    def _dspark_restore_logits_processors(self) -> None:
+        """Put back vLLM's min-p and logit-bias processors, which vLLM drops under
+        speculative decoding: this verification applies both exactly (to drafts,
+        target rows and the bonus row), and vLLM's processors keep each request's
+        values in step with the batch."""
+        from vllm.v1.sample.logits_processor import (LogitBiasLogitsProcessor, LogitsProcessors,
+                                                     MinPLogitsProcessor)
+        from vllm.v1.worker.gpu_input_batch import PIN_MEMORY
+
+        procs = list(self.input_batch.logitsprocs.all)
+        missing = [cls for cls in (LogitBiasLogitsProcessor, MinPLogitsProcessor)
+                   if not any(isinstance(p, cls) for p in procs)]
+        procs += [cls(self.vllm_config, self.device, PIN_MEMORY) for cls in missing]
+        self.input_batch.logitsprocs = LogitsProcessors(procs)
 
     def _get_eagle3_aux_layers_from_config(self):
         # vLLM records aux state j = input of layer j = output of layer j-1.
@@ -556,12 +606,9 @@ class DSparkRunnerMixin:
         drafter.rounds_drafted += 1
         device = features.device
         block_table = table.get_device_tensor(num_reqs)
-        if sampling_metadata.all_greedy:
-            sampling, generators = SamplingRows(torch.zeros(len(rows))), {}
-        else:
-            sampling = sampling_rows(sampling_metadata, num_reqs).index(torch.tensor(rows))
-            generators = {j: sampling_metadata.generators[i] for j, i in enumerate(rows)
-                          if i in sampling_metadata.generators}
+        sampling = sampling_rows(sampling_metadata, num_reqs, drafter.draft_config.vocab_size).index(torch.tensor(rows))
+        generators = {j: sampling_metadata.generators[i] for j, i in enumerate(rows)
+                      if i in sampling_metadata.generators}
         if len(rows) < num_reqs:
             block_table = block_table[torch.tensor(rows, device=device)]
         out = self._dspark_draft(block_table, table.block_size, torch.tensor(anchors, device=device),
@@ -787,6 +834,12 @@ class DSparkRejectionSampler(RejectionSampler):
 
     def forward(self, metadata, draft_probs, logits, sampling_metadata):
         if sampling_metadata.all_greedy:
+            # vLLM's greedy verification ignores logit bias on target rows (its sampler
+            # adds it to the bonus row): add it first, as plain decoding would.
+            rows = sampling_rows(sampling_metadata, len(metadata.num_draft_tokens), logits.shape[-1])
+            if rows.bias is not None:
+                index = metadata.target_logits_indices
+                logits[index] = rows.expand(torch.tensor(metadata.num_draft_tokens)).add_bias(logits[index])
             result = super().forward(metadata, None, logits, sampling_metadata)
         else:
             result = self._sampled(metadata, draft_probs, logits, sampling_metadata)
@@ -805,9 +858,12 @@ class DSparkRejectionSampler(RejectionSampler):
         bonus = bonus_out.sampled_token_ids.view(-1).long()
 
         raw_target = logits[metadata.target_logits_indices].float()
-        target = self.apply_logits_processors(raw_target.clone(), sampling_metadata, metadata)
-        rows = sampling_rows(sampling_metadata, num_reqs)
-        target = process_logits(target, rows.expand(torch.tensor(metadata.num_draft_tokens)))
+        rows = sampling_rows(sampling_metadata, num_reqs, logits.shape[-1])
+        token_rows = rows.expand(torch.tensor(metadata.num_draft_tokens))
+        # vLLM's order: logit bias, then penalties / bad words / allowed tokens / min-tokens,
+        # then temperature, min-p, top-k, top-p.
+        target = self.apply_logits_processors(token_rows.add_bias(raw_target.clone()), sampling_metadata, metadata)
+        target = process_logits(target, token_rows)
 
         # verify() takes each request's rows followed by its bonus row, which is
         # vLLM's logits layout; the bonus row is one-hot at vLLM's sampled bonus token.

@@ -10,8 +10,10 @@ def generate_ids(llm, prompt_ids, params):
     return [tuple(o.outputs[0].token_ids) for o in outs]
 
 
-def exact_conditionals(target_path, prompt_ids, top_k=None, top_p=None, temperature=1.0):
-    """prefix -> the target's exact next-token distribution."""
+def exact_conditionals(target_path, prompt_ids, top_k=None, top_p=None, temperature=1.0, min_p=None,
+                       logit_bias=None):
+    """prefix -> the target's exact next-token distribution (vLLM's order: logit bias,
+    temperature, min-p, top-k, top-p)."""
     from transformers import AutoModelForCausalLM
 
     model = AutoModelForCausalLM.from_pretrained(target_path, dtype=torch.float32).eval()
@@ -20,7 +22,13 @@ def exact_conditionals(target_path, prompt_ids, top_k=None, top_p=None, temperat
     def cond(prefix):
         if prefix not in cache:
             with torch.no_grad():
-                logits = model(torch.tensor([list(prompt_ids) + list(prefix)])).logits[0, -1].double() / temperature
+                logits = model(torch.tensor([list(prompt_ids) + list(prefix)])).logits[0, -1].double()
+            for token, bias in (logit_bias or {}).items():
+                logits[token] += bias
+            logits = logits / temperature
+            if min_p is not None:
+                probs = logits.softmax(-1)
+                logits[probs < min_p * probs.max()] = -float("inf")
             if top_k is not None:
                 logits[logits < logits.topk(top_k).values[-1]] = -float("inf")
             probs = logits.softmax(-1)
