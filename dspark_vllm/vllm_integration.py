@@ -214,9 +214,7 @@ class DSparkProposer:
             self.temperatures = load_calibration(self.options.calibration,
                                                  self.draft_config.block_size).temperatures
         self.profile = None  # SPSProfile, set by the runner before serving
-        # What the profile does not see, learned on finished steps (seconds):
-        self.step_overhead_s = 0.0  # per step, outside the target forward and the drafter
-        self.draft_scale = 1.0  # measured / profiled drafting round
+        self.learned = sps_profile.ServingCorrections()  # what the profile does not see
         self.guard = BreakEvenGuard() if self.options.break_even else None
         # Only the first rank publishes: every rank sees the same steps.
         path = self.options.metrics_path if _is_first_rank() else None
@@ -334,8 +332,8 @@ class DSparkProposer:
         """The cost model of a step in which `num_drafting` requests draft."""
         if self.profile is None:
             return None
-        draft_s = self.draft_scale * self.profile.draft_seconds(num_drafting)
-        return sps_profile.StepCost(self.profile, self.step_overhead_s, draft_s)
+        draft_s = self.learned.draft_scale * self.profile.draft_seconds(num_drafting)
+        return sps_profile.StepCost(self.profile, self.learned, draft_s)
 
     def should_draft(self, num_drafting: int, other_tokens: int) -> bool:
         """The break-even guard's decision for this step (before any draft exists)."""
@@ -370,14 +368,6 @@ class DSparkProposer:
         self.stats.record_verification(verified_mask.sum(0), (accepted[:, None] > positions).sum(0), predicted)
         if self.guard is not None:
             self.guard.observe(int((nd > 0).sum()), int(nd.sum()), int(accepted.sum()))
-
-    def learn_step(self, measured_s: float, target_s: float, draft_measured_s: float,
-                   draft_profiled_s: float, gap_s: float | None, weight: float = 0.1) -> None:
-        """Update the step-cost corrections from one finished step (never from drafts to come)."""
-        self.step_overhead_s += weight * (max(0.0, measured_s - target_s - draft_measured_s + (gap_s or 0.0))
-                                          - self.step_overhead_s)
-        if draft_profiled_s > 0:
-            self.draft_scale += weight * (draft_measured_s / draft_profiled_s - self.draft_scale)
 
 
 def _vllm_rms_norm(ops, norm, x: torch.Tensor) -> torch.Tensor:
@@ -658,11 +648,12 @@ class DSparkRunnerMixin:
             # Time between steps spent outside the worker (scheduler, front end); an idle
             # engine's gap is not a step cost.
             gap = start - prev_end if prev_end is not None and start - prev_end < 0.05 else None
-            if drafter.profile is not None:
+            cost = drafter.step_cost(num_drafting)
+            if cost is not None:
+                predicted = float(cost.step_seconds(np.array([num_scheduled_tokens]))[0])
                 target_s = 1.0 / drafter.profile.sps(num_scheduled_tokens)
-                draft_profiled = drafter.profile.draft_seconds(num_drafting)
-                predicted = target_s + drafter.step_overhead_s + drafter.draft_scale * draft_profiled
-                drafter.learn_step(measured, target_s, draft_s, draft_profiled, gap)
+                drafter.learned.observe(num_scheduled_tokens, target_s, measured - draft_s + (gap or 0.0), draft_s,
+                                        drafter.profile.draft_seconds(num_drafting))
         drafter.stats.record_step(num_drafting, drafter.num_tokens, budget, measured, predicted)
         self._dspark_step_start, self._dspark_step_end = None, now
 

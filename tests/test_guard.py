@@ -18,7 +18,7 @@ ROOT = Path(__file__).resolve().parents[1]
 
 def cost(kind: str, requests: int = 1) -> StepCost:
     profile = synthetic_profile(kind, 512)
-    return StepCost(profile, overhead_s=0.0, draft_s=profile.draft_seconds(requests))
+    return StepCost(profile, draft_s=profile.draft_seconds(requests))
 
 
 def seen(tau: float, verified: float = 7.0) -> BreakEvenGuard:
@@ -51,6 +51,24 @@ def test_load_and_other_tokens_enter_the_decision():
     assert not guard.should_draft(64, 0, cost("steep", 64))
     # A 512-token prefill chunk in the same step makes the extra drafts relatively cheap.
     assert guard.should_draft(64, 512, cost("steep", 64))
+
+
+def test_measured_wide_steps_make_the_guard_skip():
+    """On a flat profile 64 requests with tau 2.7 should draft; serving then measures
+    steps that verify 5 drafts per request at 3x the profile, and the guard skips."""
+    from dspark_vllm.sps import ServingCorrections
+
+    profile = synthetic_profile("flat", 1024)
+    guard = seen(tau=2.7, verified=5.0)
+    learned = ServingCorrections()
+    wide = StepCost(profile, learned, draft_s=profile.draft_seconds(64))
+    assert guard.should_draft(64, 0, wide)
+    t = 1 / profile.sps(384)
+    for _ in range(30):
+        learned.observe(64 + 320, t, 3 * t, 0.0, 0.0)
+        learned.observe(64, t, t, 0.0, 0.0)  # plain-width steps cost what the profile says
+    assert not guard.should_draft(64, 0, wide)
+    assert guard.should_draft(1, 0, StepCost(profile, learned, draft_s=profile.draft_seconds(1)))  # alone: draft
 
 
 def test_probing_resumes_drafting():
