@@ -6,7 +6,7 @@ import json
 from pathlib import Path
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from .model.config import DSparkConfigError, explain_validation_error
 
@@ -30,6 +30,24 @@ def demo_paths() -> dict[str, str]:
     return {k: str(v) for k, v in paths.items()}
 
 
+class RefinementOptions(BaseModel):
+    """Online STS refinement (dspark_vllm/refinement.py); `{}` takes the defaults."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    every: int = Field(1024, ge=1)  # re-fit after this many verified rounds
+    window: int = Field(8192, ge=1)  # ... on the last this many rounds
+    max_change: float = Field(0.25, gt=0.0, le=10.0)  # a temperature moves at most x(1 + max_change) per re-fit
+    bins: int = Field(15, ge=2)  # ECE bins of the fit
+
+    @model_validator(mode="after")
+    def _window_holds_a_refit(self):
+        if self.window < self.every:
+            raise ValueError(f"refinement.window={self.window} must be >= refinement.every={self.every}: "
+                             "each re-fit needs the rounds since the last one")
+        return self
+
+
 class DSparkOptions(BaseModel):
     """Everything the plugin reads from `additional_config["dspark"]`."""
 
@@ -44,6 +62,8 @@ class DSparkOptions(BaseModel):
     async_delay: int = 2
     # STS calibration JSON from scripts/calibrate.py (per-position temperatures).
     calibration: str | None = None
+    # Online STS refinement while serving (None: off), starting from `calibration` (or T = 1).
+    refinement: RefinementOptions | None = None
     # Engine cost table SPS(B) to use instead of profiling at start (see configs/).
     sps_profile: str | None = None
     # Where measured SPS tables are cached (default ~/.cache/dspark_vllm/sps).

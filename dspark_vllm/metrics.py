@@ -15,7 +15,8 @@ Per draft position k (1-based, like the paper):
 - drafted:   slots the drafter proposed;
 - verified:  slots the policy sent to the target (the verification budget);
 - accepted:  slots that survived verification;
-- predicted: sum of the calibrated cumulative survival a_k of verified slots.
+- predicted: sum of the calibrated cumulative survival a_k of verified slots;
+- temperature: the STS temperature in use (gauge; online refinement changes it).
 So `predicted / verified` vs `accepted / verified` compares the confidence
 head's promise with what happened (a running calibration error is their gap).
 Per step: whether the drafter ran (the break-even guard may skip it), the
@@ -37,9 +38,9 @@ from .config import POLICIES
 
 BUDGET_BUCKETS = (0, 1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024)
 _SCALARS = ("steps", "drafting_steps", "budget_sum", "step_time_sum", "profiled_step_time_sum",
-            "profiled_steps")
+            "profiled_steps", "refits", "live_ece")
 _HEADER = ("seq", "num_positions", "policy")
-_PER_POSITION = ("drafted", "verified", "accepted", "predicted")
+_PER_POSITION = ("drafted", "verified", "accepted", "predicted", "temperature")
 
 
 def default_metrics_path() -> Path:
@@ -113,6 +114,13 @@ class EngineStats:
         self.accepted += accepted
         if predicted is not None:
             self.predicted += predicted
+        self._end()
+
+    def record_calibration(self, temperatures: np.ndarray, live_ece: float, refits: int) -> None:
+        """The confidence temperatures in use and the calibration seen on served traffic."""
+        self._begin()
+        self.temperature[: len(temperatures)] = temperatures
+        self.live_ece[0], self.refits[0] = live_ece, refits
         self._end()
 
     # -- readers -----------------------------------------------------------
@@ -205,6 +213,17 @@ class DSparkCollector:
         yield GaugeMetricFamily("vllm:dspark_calibration_error",
                                 "Running |predicted - observed| accepted tokens per verified draft token",
                                 value=stats.calibration_error())
+        temperature = GaugeMetricFamily("vllm:dspark_confidence_temperature",
+                                        "STS temperature applied to the confidence head, by draft position",
+                                        labels=["position"])
+        for k, t in enumerate(stats.temperature):
+            temperature.add_metric([str(k + 1)], float(t))
+        yield temperature
+        yield GaugeMetricFamily("vllm:dspark_live_calibration_ece",
+                                "Mean ECE of the predicted survival over the refinement window (NaN: not yet)",
+                                value=float(stats.live_ece[0]))
+        yield CounterMetricFamily("vllm:dspark_calibration_refits", "Online STS re-fits so far",
+                                  value=float(stats.refits[0]))
         yield CounterMetricFamily("vllm:dspark_step_time_seconds",
                                   "Measured time of engine steps (target forward, verification, drafting)",
                                   value=float(stats.step_time_sum[0]))

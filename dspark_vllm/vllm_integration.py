@@ -34,8 +34,9 @@ from .config import DSparkOptions, PROPOSER_PATH, options_from_additional_config
 from .guard import BreakEvenGuard
 from .metrics import EngineStats, default_metrics_path, serve_metrics_from
 from .model.checkpoint import TargetInfo, load_draft_model, validate_checkpoint
-from .model.config import DSparkConfig
+from .model.config import DSparkConfig, DSparkConfigError
 from .policies import check_policy, make_policy
+from .refinement import OnlineCalibration
 from .proposer import draft_block
 from .sampling import SamplingRows, process_logits
 from .verification import PLACEHOLDER, verify
@@ -85,6 +86,10 @@ def configure(vllm_config) -> None:
     if options.sps_profile:
         sps_profile.load_profile(options.sps_profile)
     check_policy(options.verification, options.model_dump(), draft_config.enable_confidence_head)
+    if options.refinement is not None and not draft_config.enable_confidence_head:
+        raise DSparkConfigError(
+            f"additional_config['dspark'].refinement: {options.draft_model} has no confidence head, so there "
+            "are no confidences to calibrate; drop 'refinement' or use a DSpark checkpoint with one.")
     if options.metrics_path is None:
         # The engine's first worker counts here; this (front-end) process serves it on /metrics.
         dspark = {**vllm_config.additional_config["dspark"], "metrics_path": str(default_metrics_path())}
@@ -213,12 +218,20 @@ class DSparkProposer:
         if self.options.calibration:
             self.temperatures = load_calibration(self.options.calibration,
                                                  self.draft_config.block_size).temperatures
+        self.online = None  # online STS refinement, if asked for
+        if self.options.refinement is not None:
+            start = np.ones(self.num_tokens) if self.temperatures is None else self.temperatures[: self.num_tokens]
+            r = self.options.refinement
+            self.online = OnlineCalibration(np.asarray(start), r.every, r.window, r.max_change, r.bins)
+            self.temperatures = list(self.online.temperatures)
         self.profile = None  # SPSProfile, set by the runner before serving
         self.learned = sps_profile.ServingCorrections()  # what the profile does not see
         self.guard = BreakEvenGuard() if self.options.break_even else None
         # Only the first rank publishes: every rank sees the same steps.
         path = self.options.metrics_path if _is_first_rank() else None
         self.stats = EngineStats(self.policy.name, self.num_tokens, path)
+        if self.temperatures is not None:
+            self.stats.record_calibration(np.asarray(self.temperatures[: self.num_tokens]), float("nan"), 0)
         self.model = None
         self.attn_layers: list = []
         self.layer_names: list[str] = []
@@ -328,6 +341,14 @@ class DSparkProposer:
             return drafts.confidences.float()
         return apply_temperatures(drafts.confidence_logits.float(), self.temperatures)
 
+    def begin_round(self) -> None:
+        """Before the drafter runs: temperatures re-fitted on verified rounds apply from
+        this round on (never to a round that is already drafted; see refinement.py)."""
+        update = None if self.online is None else self.online.take_update()
+        if update is not None:
+            self.temperatures = list(update)
+            self.stats.record_calibration(update, self.online.live_ece, self.online.refits)
+
     def step_cost(self, num_drafting: int) -> sps_profile.StepCost | None:
         """The cost model of a step in which `num_drafting` requests draft."""
         if self.profile is None:
@@ -366,6 +387,10 @@ class DSparkProposer:
             known = rows >= 0
             predicted = (self.round.survival[rows[known]] * verified_mask[known]).sum(0)
         self.stats.record_verification(verified_mask.sum(0), (accepted[:, None] > positions).sum(0), predicted)
+        if self.online is not None and self.round is not None:
+            mine = (rows >= 0) & (nd > 0)
+            logits = self.round.confidence_logits.float().cpu().numpy()
+            self.online.observe(logits[rows[mine]], nd[mine], accepted[mine])
         if self.guard is not None:
             self.guard.observe(int((nd > 0).sum()), int(nd.sum()), int(accepted.sum()))
 
@@ -593,6 +618,7 @@ class DSparkRunnerMixin:
         # 3. One parallel block forward on the paged KV cache + the Markov loop,
         #    then the policy's verification lengths.
         started = time.perf_counter()
+        drafter.begin_round()
         drafter.rounds_drafted += 1
         device = features.device
         block_table = table.get_device_tensor(num_reqs)

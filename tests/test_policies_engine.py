@@ -136,3 +136,34 @@ def test_bad_calibration_and_profile_files_fail_clearly(fixture_paths, serve_fil
         LLM(model=fixture_paths["target"], **COMMON,
             **dspark_vllm.engine_kwargs(fixture_paths["dspark"], verification="sync",
                                         sps_profile=str(bad_profile)))
+
+
+def test_online_refinement_stays_exact_and_reports(fixture_paths, serve_files, baseline, prompts):
+    """`sync` with online STS refinement re-fitting every 32 rounds: greedy output equals plain
+    decoding, sampled output has the target's distribution, and /metrics shows the re-fits,
+    the temperatures in use and the live ECE."""
+    from vllm import SamplingParams
+
+    from dspark_vllm.metrics import read_stats
+
+    import dspark_vllm
+    from vllm import LLM
+
+    kwargs = dspark_vllm.engine_kwargs(fixture_paths["dspark"], verification="sync",
+                                       calibration=serve_files["calibration"], sps_profile=serve_files["steep"],
+                                       break_even=False, refinement={"every": 32, "window": 256})
+    llm = LLM(model=fixture_paths["target"], **kwargs, **COMMON)
+    greedy = SamplingParams(temperature=0.0, max_tokens=64, ignore_eos=True)
+    assert generate_ids(llm, prompts, greedy) == generate_ids(baseline, prompts, greedy)
+    n, prompt = 3000, prompts[5]
+    samples = generate_ids(llm, [prompt] * n, SamplingParams(temperature=2.0, max_tokens=4, ignore_eos=True))
+    cond = exact_conditionals(fixture_paths["target"], prompt, temperature=2.0)
+    assert sequence_gof_pvalue(samples, cond) > 1e-3
+
+    stats = read_stats(llm.llm_engine.vllm_config.additional_config["dspark"]["metrics_path"])
+    assert stats.refits[0] > 10 and 0 <= stats.live_ece[0] < 1
+    offline = [1.5, 1.0, 0.8, 1.2, 1.0, 2.0, 1.0]
+    assert list(stats.temperature) != offline and all(t > 0 for t in stats.temperature)
+    m = dspark_metrics(llm)
+    assert m["vllm:dspark_calibration_refits"] == stats.refits[0]
+    assert m["vllm:dspark_confidence_temperature[1]"] == pytest.approx(stats.temperature[0])
