@@ -161,6 +161,7 @@ class DSparkScheduler(Scheduler):
     def __init__(self, vllm_config, *args, **kwargs):
         options = options_from_additional_config(vllm_config.additional_config)
         self._dspark_lookahead = DSparkConfig.from_pretrained(options.draft_model).block_size
+        self._dspark_rejected_draft: dict[str, int] = {}  # req_id -> index of its kept invalid draft
         super().__init__(vllm_config, *args, **kwargs)
 
     @property
@@ -170,6 +171,68 @@ class DSparkScheduler(Scheduler):
     @num_lookahead_tokens.setter
     def num_lookahead_tokens(self, value: int) -> None:
         pass  # vLLM's own value (0 for custom_class) is superseded
+
+    # -- structured output: a grammar's cut of a sampled draft is a rejection ----
+    #
+    # vLLM cuts a request's drafts before the first token its grammar rejects,
+    # and samples that position from the target p as a bonus. For a greedy
+    # (argmax) draft that is exact. A draft sampled from q at temperature > 0 is
+    # random, and exact speculative sampling would reject the invalid token
+    # (p = 0 there) and sample the residual (p - q)+ instead of p: cutting it
+    # over-weights the tokens q under-covers (tests/test_structured_output.py:
+    # second-token chi-square p = 1e-36 without this). So sampled requests keep
+    # their first invalid draft; verification rejects it surely and samples the
+    # residual. (vLLM's async-scheduling path, update_draft_token_ids_in_output,
+    # is not covered: the CPU platform never uses it.)
+
+    def update_draft_token_ids(self, draft_token_ids) -> None:
+        from vllm.sampling_params import SamplingType
+
+        super().update_draft_token_ids(draft_token_ids)
+        rejected = self._dspark_rejected_draft
+        for req_id, drafts in zip(draft_token_ids.req_ids, draft_token_ids.draft_token_ids):
+            rejected.pop(req_id, None)
+            request = self.requests.get(req_id)
+            if (request is None or request.is_finished() or request.is_prefill_chunk
+                    or not request.use_structured_output or request.sampling_params is None
+                    or request.sampling_params.sampling_type == SamplingType.GREEDY):
+                continue
+            valid = len(request.spec_token_ids)
+            if valid < len(drafts) and drafts[valid] >= 0:
+                request.spec_token_ids = list(request.spec_token_ids) + [drafts[valid]]
+                rejected[req_id] = valid
+
+    def get_grammar_bitmask(self, scheduler_output):
+        """vLLM's bitmask, built without the kept invalid drafts (vLLM logs an error for
+        a draft its grammar rejects); each such draft's row is the grammar state after
+        the valid prefix (the bonus row vLLM built), and its own bonus row repeats it."""
+        rejected = self._dspark_rejected_draft
+        if not rejected:
+            return super().get_grammar_bitmask(scheduler_output)
+        spec = scheduler_output.scheduled_spec_decode_tokens
+        kept = {}
+        for req_id, valid in list(rejected.items()):
+            tokens = spec.get(req_id)
+            if tokens is not None and len(tokens) == valid + 1:
+                kept[req_id] = tokens
+                spec[req_id] = tokens[:valid]
+            if tokens is not None or req_id not in self.requests:
+                del rejected[req_id]  # scheduled now (or gone): used once
+        try:
+            out = super().get_grammar_bitmask(scheduler_output)
+        finally:
+            spec.update(kept)
+        if out is None or not kept:
+            return out
+        parts, start = [], 0
+        for req_id in out.structured_output_request_ids:
+            n = 1 + len(spec.get(req_id, ())) - (req_id in kept)
+            parts.append(out.grammar_bitmask[start:start + n])
+            if req_id in kept:
+                parts.append(out.grammar_bitmask[start + n - 1:start + n])
+            start += n
+        out.grammar_bitmask = np.concatenate(parts)
+        return out
 
 
 # ---------------------------------------------------------------------------
