@@ -507,6 +507,33 @@ def _is_first_rank() -> bool:
         return True
 
 
+def _host_to_device(array, device: torch.device, dtype: torch.dtype | None = None) -> torch.Tensor:
+    """A small host array (numpy or list) as a tensor on `device`, without a host sync.
+
+    A plain `.to("cuda")` of pageable memory waits until the GPU has finished
+    all queued work; staged through pinned memory and queued non_blocking, the
+    copy runs in stream order and the host goes on launching kernels. (torch's
+    pinned allocator keeps the staging buffer until the copy is done.)
+    """
+    from vllm.utils.platform_utils import is_pin_memory_available
+
+    t = torch.as_tensor(np.asarray(array))
+    if dtype is not None:
+        t = t.to(dtype)
+    if device.type != "cuda" or not is_pin_memory_available():  # e.g. WSL without pinned memory
+        return t.to(device)
+    return t.pin_memory().to(device, non_blocking=True)
+
+
+def _metadata_device(sampling_metadata) -> torch.device:
+    """The device vLLM keeps this batch's sampling tensors on."""
+    for name in ("temperature", "top_p", "top_k", "frequency_penalties"):
+        t = getattr(sampling_metadata, name, None)
+        if isinstance(t, torch.Tensor):
+            return t.device
+    return torch.device("cpu")
+
+
 # ---------------------------------------------------------------------------
 # The model runner: hidden states in, variable-length drafts out.
 # ---------------------------------------------------------------------------
@@ -517,6 +544,9 @@ def sampling_rows(sampling_metadata, num_reqs: int, vocab_size: int) -> Sampling
 
     Min-p and logit bias come from vLLM's own processors, which vLLM 0.32 drops
     whenever speculative decoding is configured and `_dspark_setup` puts back.
+    The rows stay on the device vLLM keeps them on (no `.cpu()`): drafting and
+    verification use them there, and on CUDA each copy to the host would stall
+    the host until the GPU is idle.
     """
     from vllm.v1.sample.logits_processor import LogitBiasLogitsProcessor, MinPLogitsProcessor
 
@@ -527,12 +557,13 @@ def sampling_rows(sampling_metadata, num_reqs: int, vocab_size: int) -> Sampling
         req, tok = logit_bias.logits_slice
         bias = torch.zeros(num_reqs, vocab_size, device=logit_bias.bias_tensor.device)
         bias.index_put_((req.long(), tok.long()), logit_bias.bias_tensor, accumulate=True)
+    device = _metadata_device(sampling_metadata)
     if sampling_metadata.all_greedy:
-        return SamplingRows(torch.zeros(num_reqs), bias=bias)
+        return SamplingRows(torch.zeros(num_reqs, device=device), bias=bias)
     temp = sampling_metadata.temperature
-    temp = torch.zeros(num_reqs) if temp is None else temp[:num_reqs].float().cpu()
-    top_k = None if sampling_metadata.top_k is None else sampling_metadata.top_k[:num_reqs].cpu()
-    top_p = None if sampling_metadata.top_p is None else sampling_metadata.top_p[:num_reqs].float().cpu()
+    temp = torch.zeros(num_reqs, device=device) if temp is None else temp[:num_reqs].float()
+    top_k = None if sampling_metadata.top_k is None else sampling_metadata.top_k[:num_reqs]
+    top_p = None if sampling_metadata.top_p is None else sampling_metadata.top_p[:num_reqs].float()
     min_p = procs.get(MinPLogitsProcessor)
     min_p = min_p.min_p[:num_reqs, 0] if min_p is not None and min_p.min_p_count else None
     return SamplingRows(temp, top_k, top_p, min_p, bias)
@@ -599,7 +630,7 @@ class DSparkRunnerMixin:
         nd = np.asarray(metadata.num_draft_tokens)
         slot = np.arange(nd.sum()) - np.repeat(np.cumsum(nd) - nd, nd)
         row = np.repeat(rows, nd)
-        index = torch.from_numpy(np.where(row >= 0, row * drafter.num_tokens + slot, -1)).to(self._draft_probs.device)
+        index = _host_to_device(np.where(row >= 0, row * drafter.num_tokens + slot, -1), self._draft_probs.device)
         q = self._draft_probs.flatten(0, 1)[index.clamp(min=0)]
         return q * (index >= 0)[:, None]
 
@@ -712,7 +743,7 @@ class DSparkRunnerMixin:
         """One drafting round for len(anchors) requests whose context K/V sit in the paged cache."""
         drafter: DSparkProposer = self.drafter
         _, builder = self._dspark_group()
-        anchor_pos_t = torch.from_numpy(anchor_pos).to(device=anchors.device, dtype=torch.long)
+        anchor_pos_t = _host_to_device(anchor_pos, anchors.device, torch.long)
         attend = self._paged_block_attention(builder, block_table, block_size, anchor_pos_t,
                                              int(anchor_pos.max()), drafter.draft_config.block_size)
         return draft_block(drafter.model, anchors, anchor_pos_t, attend, drafter.num_tokens, sampling, generators)
@@ -836,29 +867,37 @@ class DSparkRunnerMixin:
         Block slot k of request r is at position anchor_pos[r] + k; its K/V go
         into the look-ahead slots reserved by DSparkScheduler, and its query
         attends (non-causally) to all positions < anchor_pos[r] + gamma.
+        Everything is built on the device from anchor_pos (no host copy).
         """
-        from vllm.forward_context import set_forward_context
+        from vllm.forward_context import create_forward_context, override_forward_context
         from vllm.v1.attention.backend import CommonAttentionMetadata
 
-        B = anchor_pos.shape[0]
-        pos = anchor_pos[:, None] + torch.arange(gamma, device=anchor_pos.device)
+        B, device = anchor_pos.shape[0], anchor_pos.device
+        pos = anchor_pos[:, None] + torch.arange(gamma, device=device)
         blocks = block_table.gather(1, (pos // block_size).long())
         slots = (blocks.long() * block_size + pos % block_size).flatten()
         qsl_cpu = torch.arange(0, (B + 1) * gamma, gamma, dtype=torch.int32)
+        qsl = torch.arange(0, (B + 1) * gamma, gamma, dtype=torch.int32, device=device)  # made there: no copy
         seq_lens = (anchor_pos + gamma).to(torch.int32)
         common = CommonAttentionMetadata(
-            query_start_loc=qsl_cpu.to(anchor_pos.device), query_start_loc_cpu=qsl_cpu, seq_lens=seq_lens,
+            query_start_loc=qsl, query_start_loc_cpu=qsl_cpu, seq_lens=seq_lens,
             num_reqs=B, num_actual_tokens=B * gamma, max_query_len=gamma, max_seq_len=max_anchor_pos + gamma,
             block_table_tensor=block_table, slot_mapping=slots, causal=False, positions=pos.flatten(),
         )
-        meta = builder.build(common_prefix_len=0, common_attn_metadata=common)
+        # fast_build: metadata used by a few layers once (vLLM's drafters do the same); on
+        # CUDA it also skips FlashAttention's ahead-of-time schedule and its persistent buffer.
+        meta = builder.build(common_prefix_len=0, common_attn_metadata=common, fast_build=True)
         names = self.drafter.layer_names
         layers = self.drafter.attn_layers
+        # One forward context for the round. vLLM's set_forward_context would, per call,
+        # also coordinate token counts across data-parallel ranks (a collective the
+        # ranks that do not draft never join) and, when batch-size logging is on, sync.
+        context = create_forward_context({name: meta for name in names}, self.vllm_config,
+                                         slot_mapping={name: slots for name in names})
 
         def attend(i, q, k, v):
             T = q.shape[0]
-            with set_forward_context({name: meta for name in names}, self.vllm_config, num_tokens=T,
-                                     slot_mapping={name: slots for name in names}):
+            with override_forward_context(context):
                 return layers[i](q.reshape(T, -1), k.reshape(T, -1), v.reshape(T, -1))
 
         return attend
@@ -939,7 +978,9 @@ class DSparkRejectionSampler(RejectionSampler):
 
         raw_target = logits[metadata.target_logits_indices].float()
         rows = sampling_rows(sampling_metadata, num_reqs, logits.shape[-1])
-        token_rows = rows.expand(torch.tensor(metadata.num_draft_tokens))
+        # request of each draft token, queued to the device (no host sync)
+        request_of_token = np.repeat(np.arange(num_reqs), metadata.num_draft_tokens)
+        token_rows = rows.index(_host_to_device(request_of_token, raw_target.device))
         # vLLM's order: logit bias, then penalties / bad words / allowed tokens / min-tokens,
         # then temperature, min-p, top-k, top-p.
         target = self.apply_logits_processors(token_rows.add_bias(raw_target.clone()), sampling_metadata, metadata)
@@ -973,6 +1014,7 @@ class DSparkRejectionSampler(RejectionSampler):
 
 from vllm.v1.worker.cpu_model_runner import CPUModelRunner  # noqa: E402
 from vllm.v1.worker.cpu_worker import CPUWorker  # noqa: E402
+from vllm.v1.worker.gpu_model_runner import GPUModelRunner  # noqa: E402
 from vllm.v1.worker.gpu_worker import Worker  # noqa: E402
 
 
@@ -1024,15 +1066,41 @@ class DSparkCPUWorker(DSparkWorkerMixin, CPUWorker):
             super().init_device()
 
 
+class DSparkGPUModelRunner(DSparkRunnerMixin, GPUModelRunner):
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self._dspark_setup()
+
+    def load_model(self, *args, **kwargs) -> None:
+        super().load_model(*args, **kwargs)
+        # The draft's Attention layers are built outside vLLM's device context, so their
+        # scale buffers (_k_scale, _v_scale, ...) start on the CPU; vLLM's CUDA KV-cache
+        # and attention kernels (Triton ones above all) read them on the device.
+        self.drafter.attn_layers.to(self.device)
+
+
 class DSparkGPUWorker(DSparkWorkerMixin, Worker):
-    """CUDA worker (V1 runner). Written to the same contract; not run on CPU CI."""
+    """CUDA worker. vLLM 0.32's GPU worker builds its runner in `_make_model_runner()`
+    (called at the end of `init_device`); for custom_class drafters vLLM selects the
+    V1 runner (the V2 runner lists custom_class as unsupported), which ours extends.
+    Reviewed against vLLM's source; not run in the CPU CI."""
 
     def _make_model_runner(self):
-        from vllm.v1.worker.gpu_model_runner import GPUModelRunner
-
-        class DSparkGPUModelRunner(DSparkRunnerMixin, GPUModelRunner):
-            def __init__(self, *args, **kwargs):
-                super().__init__(*args, **kwargs)
-                self._dspark_setup()
-
+        _check_cuda_config(self.vllm_config, self.use_v2_model_runner)
         return DSparkGPUModelRunner(self.vllm_config, self.device)
+
+
+def _check_cuda_config(vllm_config, use_v2_model_runner: bool) -> None:
+    """Refuse, with the reason, configurations the DSpark CUDA runner cannot serve."""
+    problems = []
+    if use_v2_model_runner:
+        problems.append("vLLM's V2 model runner (DSpark extends the V1 runner, vLLM's choice for "
+                        "custom_class drafters; unset VLLM_USE_V2_MODEL_RUNNER)")
+    if vllm_config.scheduler_config.async_scheduling:
+        problems.append("async scheduling (under it vLLM's V1 runner hands custom_class drafters no "
+                        "sampled tokens; use --no-async-scheduling)")
+    if vllm_config.parallel_config.use_ubatching:
+        problems.append("micro-batching / dual-batch overlap (the drafter reads one slot mapping for "
+                        "the whole batch; drop --enable-dbo / --ubatch-size)")
+    if problems:
+        raise ValueError("DSpark on CUDA does not support " + "; ".join(problems) + ".")

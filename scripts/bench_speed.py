@@ -52,6 +52,8 @@ def parse_args(argv=None):
     ap.add_argument("--max-model-len", type=int, default=1024)
     ap.add_argument("--raw", action="store_true", help="prompts are raw text (base/code model)")
     ap.add_argument("--dtype", default="auto", help="engine dtype (default: the checkpoint's)")
+    ap.add_argument("--cuda-graphs", action="store_true",
+                    help="let vLLM compile and capture CUDA graphs (default: enforce_eager, as on the CPU)")
     return ap.parse_args(argv)
 
 
@@ -110,7 +112,7 @@ async def bench_engine(args, name, prompts, levels):
     elif name == "ngram":
         kwargs = {"speculative_config": dict(NGRAM)}
     engine = AsyncLLM.from_engine_args(AsyncEngineArgs(
-        model=args.target, dtype=args.dtype, max_model_len=args.max_model_len, enforce_eager=True,
+        model=args.target, dtype=args.dtype, max_model_len=args.max_model_len, enforce_eager=not args.cuda_graphs,
         max_num_seqs=max(levels), seed=0, disable_log_stats=name != "ngram", **kwargs))
     if name.startswith("dspark-"):
         metrics_path = engine.vllm_config.additional_config["dspark"]["metrics_path"]

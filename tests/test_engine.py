@@ -1,4 +1,5 @@
-"""DSpark inside a real vLLM engine on the CPU: exactness end to end.
+"""DSpark inside a real vLLM engine (the CPU, or CUDA with a CUDA vLLM build; see
+engine_utils.py): exactness end to end.
 
 Greedy: token-for-token equality with plain decoding. Sampling: the sampled
 sequences follow the target's exact conditional distributions (computed with
@@ -9,7 +10,7 @@ Hugging Face transformers), with enough samples to see a 0.05 TV difference.
 import numpy as np
 import pytest
 
-from engine_utils import COMMON, exact_conditionals, generate_ids
+from engine_utils import COMMON, exact_conditionals, expected_runner, generate_ids
 from stats import sequence_gof_pvalue
 
 pytestmark = pytest.mark.slow
@@ -46,7 +47,7 @@ def test_greedy_equals_plain_decoding(baseline, dspark, prompts):
 def test_worker_runs_the_dspark_runner_and_shares_target_weights(dspark):
     """The fixture draft's embedding / LM head equal the target's: no second copy."""
     [info] = dspark.collective_rpc("dspark_info")
-    assert info["runner"] == "DSparkCPUModelRunner"
+    assert info["runner"] == expected_runner()
     assert info["shared_with_target"] == ["embed_tokens", "lm_head"]
 
 
