@@ -919,10 +919,14 @@ def _hardware_name(device) -> str:
 
 def _best_time(fn, repeats: int = 3) -> float:
     """Fastest of a few runs: the cost of the step itself, without scheduling noise."""
+    # CUDA kernels run asynchronously: time them to completion, not their launch.
+    sync = torch.cuda.synchronize if torch.cuda.is_available() and torch.cuda.is_initialized() else (lambda: None)
     best = float("inf")
     for _ in range(repeats):
+        sync()
         start = time.perf_counter()
         fn()
+        sync()
         best = min(best, time.perf_counter() - start)
     return best
 
@@ -962,8 +966,9 @@ class DSparkRejectionSampler(RejectionSampler):
             result = super().forward(metadata, None, logits, sampling_metadata)
         else:
             result = self._sampled(metadata, draft_probs, logits, sampling_metadata)
-        req_ids = self.runner.input_batch.req_ids[: len(metadata.num_draft_tokens)]
-        self.proposer.record_verification(req_ids, metadata.num_draft_tokens, result.sampled_token_ids)
+        if self.runner.input_batch.num_reqs:  # vLLM's dummy sampler runs (warm-up, memory profile) have none
+            req_ids = self.runner.input_batch.req_ids[: len(metadata.num_draft_tokens)]
+            self.proposer.record_verification(req_ids, metadata.num_draft_tokens, result.sampled_token_ids)
         return result
 
     def _sampled(self, metadata, draft_probs, logits, sampling_metadata):
