@@ -956,6 +956,10 @@ class DSparkRejectionSampler(RejectionSampler):
         self.proposer, self.runner = proposer, runner
 
     def forward(self, metadata, draft_probs, logits, sampling_metadata):
+        if metadata.max_spec_len == 0:
+            # No request verifies a draft (the guard skipped the drafter, or prefill):
+            # one row per request, sampled exactly as plain decoding samples it.
+            return self.sampler(logits=logits, sampling_metadata=sampling_metadata)
         if sampling_metadata.all_greedy:
             # vLLM's greedy verification ignores logit bias on target rows (its sampler
             # adds it to the bonus row): add it first, as plain decoding would.
