@@ -17,6 +17,8 @@ same work; c=1 is requests one by one, c=64 about one batch). Per row and c:
   drafting_step_fraction  share of engine steps in which the drafter ran
                         (the break-even guard skips the others; DSpark only)
   identical_to_plain    greedy: every answer equals plain decoding's (null when sampling)
+  answers_differing, first_difference_at   greedy: how many answers differ from plain
+                        decoding's, and at which token each first does
 
 The model's own dtype by default (`--dtype auto`: what users run, bf16 for
 the default pair).
@@ -141,6 +143,14 @@ async def bench_engine(args, name, prompts, levels):
     return rows, answers
 
 
+def first_difference(a: list[int], b: list[int]) -> int | None:
+    """Index of the first token where two answers differ (None: identical)."""
+    for i, (x, y) in enumerate(zip(a, b)):
+        if x != y:
+            return i
+    return None if len(a) == len(b) else min(len(a), len(b))
+
+
 def plot(result, path):
     import matplotlib
 
@@ -189,7 +199,12 @@ def main(argv=None):
     for r in results:
         r["ratio_to_plain"] = r["output_tokens_per_s"] / plain[r["concurrency"]]
         if args.temperature == 0:
-            r["identical_to_plain"] = answers[r["engine"]][r["concurrency"]] == answers["plain"][r["concurrency"]]
+            mine, plain_answers = answers[r["engine"]][r["concurrency"]], answers["plain"][r["concurrency"]]
+            r["identical_to_plain"] = mine == plain_answers
+            # How often (and where) greedy output departs from plain decoding (bf16 near-ties).
+            diverged = [first_difference(mine[i], plain_answers[i]) for i in plain_answers]
+            r["answers_differing"] = sum(d is not None for d in diverged)
+            r["first_difference_at"] = sorted(d for d in diverged if d is not None)
     dtype = args.dtype if args.dtype != "auto" else str(AutoConfig.from_pretrained(args.target).dtype).removeprefix("torch.")
     out = {"target": args.target, "draft": args.draft, "prompts": args.prompts, "num_prompts": len(prompts),
            "max_tokens": args.max_tokens, "temperature": args.temperature, "dtype": dtype,
