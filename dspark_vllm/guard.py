@@ -14,9 +14,18 @@ requests (profiled, scaled by what serving measures), `overhead` the rest of a
 step as measured on finished steps, `other` tokens of requests that do not
 draft (prefill chunks). tau (tokens emitted per drafting request per round,
 bonus included) and v (drafts verified per drafting request) are running means
-over earlier verifications. While the guard skips, it drafts once every
-`probe_every` steps so that tau follows the text; the batch size is read
-fresh every step, so a change of load changes the decision at once.
+over earlier verifications. While the guard skips, it drafts two steps in a
+row once every `probe_every` steps so that tau follows the text; the batch
+size is read fresh every step, so a change of load changes the decision at once.
+
+The profile cannot see everything that grows with the batch (attention over
+long contexts, logits and sampling of every verified row), so the guard also
+measures both ways directly: per power-of-two bucket of R, the tokens emitted
+per request-second of pure drafting steps (they verify the previous round and
+draft the next) and of pure plain steps (neither). Where both are known for the
+current bucket (and nothing else shares the step), they decide. Where only the
+drafting rate is known and the model finds plain decoding within
+`explore_margin` of it, the guard skips two steps in a row to measure plain.
 
 Why it is lossless: the decision uses finished steps and the batch size only,
 and is taken before this step's drafts exist. Verifying no draft (the request
@@ -26,20 +35,31 @@ no decision ever depends on a draft token it judges.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 
 from .sps import StepCost
 
 
+def bucket(num_requests: int) -> int:
+    """Power-of-two bucket: 1 -> 1, 2..3 -> 2, 4..7 -> 3, ..."""
+    return int(num_requests).bit_length()
+
+
 @dataclass
 class BreakEvenGuard:
-    probe_every: int = 16  # while skipping, draft once every this many steps
+    probe_every: int = 16  # one probe (two steps the other way) every this many steps
     smoothing: float = 0.1  # weight of a new observation in the running means
+    explore_margin: float = 0.7  # measure plain decoding when the model puts it above this share of drafting
     tau: float | None = None  # tokens emitted per drafting request per round (None: not seen yet)
     verified: float = 0.0  # drafts verified per drafting request per round
-    skipped_in_a_row: int = 0
+    step: int = 0  # decisions taken (the probe / explore cycle)
+    spec_rate: dict[int, float] = field(default_factory=dict)  # bucket -> tokens / (request s), drafting
+    plain_rate: dict[int, float] = field(default_factory=dict)  # bucket -> tokens / (request s), plain
+
+    def _mean(self, table: dict[int, float], key: int, value: float) -> None:
+        table[key] = value if key not in table else table[key] + self.smoothing * (value - table[key])
 
     def observe(self, num_requests: int, num_verified: int, num_accepted: int) -> None:
         """One verification step of `num_requests` requests that had drafted."""
@@ -53,20 +73,39 @@ class BreakEvenGuard:
             self.tau += self.smoothing * (tau - self.tau)
             self.verified += self.smoothing * (verified - self.verified)
 
+    def observe_step(self, num_requests: int, verified: bool, drafted: bool, emitted: int, seconds: float) -> None:
+        """A finished step of `num_requests` decoding requests (and nothing else): whether it
+        verified a round and drafted one, tokens emitted, its time. A step that did only
+        one of the two is a transition and measures neither way."""
+        if num_requests <= 0 or seconds <= 0 or verified != drafted:
+            return
+        self._mean(self.spec_rate if drafted else self.plain_rate, bucket(num_requests),
+                   emitted / (num_requests * seconds))
+
     def rates(self, num_requests: int, other_tokens: int, cost: StepCost) -> tuple[float, float]:
         """Expected tokens/s of (speculative, plain) for the next step."""
         R = num_requests
+        key = bucket(R)
+        if other_tokens == 0 and key in self.spec_rate and key in self.plain_rate:
+            return R * self.spec_rate[key], R * self.plain_rate[key]
         b_spec = R + round(R * self.verified) + other_tokens
         t_spec, t_plain = cost.step_seconds(np.array([b_spec, R + other_tokens], dtype=np.int64)).tolist()
         t_plain -= cost.draft_s  # the plain step runs no drafter
-        return R * (self.tau or 1.0) / t_spec, R / t_plain
+        speculative = R * (self.tau or 1.0) / t_spec
+        if other_tokens == 0 and key in self.spec_rate:
+            speculative = R * self.spec_rate[key]
+        return speculative, R / t_plain
 
     def should_draft(self, num_requests: int, other_tokens: int, cost: StepCost) -> bool:
         if self.tau is None:
             return True  # nothing measured yet: find out
+        self.step += 1
+        phase = self.step % self.probe_every
         speculative, plain = self.rates(num_requests, other_tokens, cost)
-        if speculative > plain or self.skipped_in_a_row + 1 >= self.probe_every:
-            self.skipped_in_a_row = 0
-            return True
-        self.skipped_in_a_row += 1
-        return False
+        if speculative <= plain:
+            return phase >= self.probe_every - 2  # probe: the last two steps of each cycle draft
+        key = bucket(num_requests)
+        unmeasured_plain = other_tokens == 0 and key in self.spec_rate and key not in self.plain_rate
+        if unmeasured_plain and plain > self.explore_margin * speculative:
+            return phase >= 2  # explore: the first two steps of each cycle decode plainly
+        return True

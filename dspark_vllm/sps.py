@@ -187,29 +187,20 @@ class SPSProfile(BaseModel):
         return path
 
 
-def size_bucket(tokens: np.ndarray) -> np.ndarray:
-    """Power-of-two bucket of each batch size: 1 -> 1, 2..3 -> 2, 4..7 -> 3, ..."""
-    return np.frexp(np.maximum(np.asarray(tokens, dtype=np.float64), 1.0))[1]
-
-
 class ServingCorrections:
     """What the profile does not see, learned from finished steps (running means).
 
-    The profile times vLLM's dummy forward: no attention over a long context, no
-    logits and sampling over every verified row. Serving measures, per step of B
-    tokens, `forward_s` = step time - drafting time + the gap to the previous step:
-    - `overhead_s`: forward_s - T(B), one number for every batch size;
-    - `ratio`: forward_s / T(B) per power-of-two bucket of B, which sees what grows
-      with B (a step verifying 8 tokens for each of 64 requests costs several
-      times the dummy forward over 512 tokens on the CPU).
-    `draft_scale` is the measured / profiled drafting round.
+    `overhead_s`: per step, the measured forward (step time - drafting time + the
+    gap to the previous step) minus the profile's T(B): scheduling, sampling,
+    verification, bookkeeping. `draft_scale`: the measured / profiled drafting round.
+    (What grows with the batch beyond the profile, e.g. attention over long
+    contexts, the break-even guard measures directly; see guard.py.)
     """
 
     def __init__(self, smoothing: float = 0.1):
         self.smoothing = smoothing
         self.overhead_s = 0.0
         self.draft_scale = 1.0
-        self.ratio: dict[int, float] = {}
 
     def _mean(self, old: float, new: float) -> float:
         return old + self.smoothing * (new - old)
@@ -217,29 +208,16 @@ class ServingCorrections:
     def observe(self, tokens: int, target_s: float, forward_s: float, draft_measured_s: float,
                 draft_profiled_s: float) -> None:
         self.overhead_s = self._mean(self.overhead_s, max(0.0, forward_s - target_s))
-        bucket = int(size_bucket(tokens))
-        ratio = max(forward_s, target_s) / target_s
-        self.ratio[bucket] = self._mean(self.ratio.get(bucket, ratio), ratio)
         if draft_profiled_s > 0:
             self.draft_scale = self._mean(self.draft_scale, draft_measured_s / draft_profiled_s)
 
-    def forward_seconds(self, target_s: np.ndarray, tokens: np.ndarray) -> np.ndarray:
-        """Expected forward_s at each batch size: measured ratio where the bucket has been
-        seen, otherwise the profile plus the overhead."""
-        out = target_s + self.overhead_s
-        if self.ratio:
-            buckets = size_bucket(tokens)
-            for bucket, ratio in self.ratio.items():
-                out = np.where(buckets == bucket, target_s * ratio, out)
-        return out
-
 
 class StepCost:
-    """SPS(B) of a speculative step: the profile's target forward at B tokens with what
-    serving measured on top of it (`ServingCorrections`), plus a drafting round.
+    """SPS(B) of a speculative step: the profile's target forward at B tokens, plus the
+    per-step overhead serving measured (`ServingCorrections`) and a drafting round.
 
     The runner knows how many requests draft this step; the policies see
-    1 / (forward_seconds(B) + draft_seconds).
+    1 / (1/SPS_target(B) + overhead + draft_seconds).
     """
 
     def __init__(self, profile: SPSProfile, corrections: ServingCorrections | None = None, draft_s: float = 0.0):
@@ -247,10 +225,8 @@ class StepCost:
 
     def step_seconds(self, tokens: np.ndarray) -> np.ndarray:
         """Seconds of a step at each batch size (int64 array)."""
-        target_s = 1.0 / self.profile.sps_array(tokens)
-        if self.corrections is not None:
-            target_s = self.corrections.forward_seconds(target_s, tokens)
-        return target_s + self.draft_s
+        overhead = 0.0 if self.corrections is None else self.corrections.overhead_s
+        return 1.0 / self.profile.sps_array(tokens) + overhead + self.draft_s
 
     def sps_array(self, tokens: np.ndarray) -> np.ndarray:
         return 1.0 / self.step_seconds(tokens)

@@ -303,6 +303,7 @@ class DSparkProposer:
         # The latest rounds, for checks against the dense reference (references only: no per-step work).
         self.recent_rounds: deque[DraftRound] = deque(maxlen=64)
         self.verifying: np.ndarray | None = None  # round_rows of the requests verified this step
+        self.step_emitted: int | None = None  # output tokens of this step's verification (None: none ran)
         self.shared: list[str] = []  # draft weights that alias the target's
 
     def load_model(self, target_model) -> None:
@@ -456,6 +457,7 @@ class DSparkProposer:
             self.online.observe(logits[rows[mine]], nd[mine], accepted[mine])
         if self.guard is not None:
             self.guard.observe(int((nd > 0).sum()), int(nd.sum()), int(accepted.sum()))
+        self.step_emitted = int(accepted.sum()) + len(nd)  # this step's output tokens, for the guard
 
 
 def _vllm_rms_norm(ops, norm, x: torch.Tensor) -> torch.Tensor:
@@ -706,7 +708,7 @@ class DSparkRunnerMixin:
         drafts: list[list[int]] = [[] for _ in range(num_reqs)]
         drafter.round = None
         if not rows or not drafter.should_draft(len(rows), other_tokens):
-            self._dspark_end_step(n, 0, 0, 0.0)
+            self._dspark_end_step(n, 0, 0, 0.0, len(rows), other_tokens)
             return drafts
 
         # 3. One parallel block forward on the paged KV cache + the Markov loop,
@@ -736,7 +738,7 @@ class DSparkRunnerMixin:
         drafter.recent_rounds.append(drafter.round)
         if out.probs is not None:
             self._draft_probs, self._draft_prob_req_ids = out.probs, round_ids
-        self._dspark_end_step(n, len(rows), int(lengths.sum()), time.perf_counter() - started)
+        self._dspark_end_step(n, len(rows), int(lengths.sum()), time.perf_counter() - started, len(rows), other_tokens)
         return drafts
 
     def _dspark_draft(self, block_table, block_size: int, anchors, anchor_pos: np.ndarray, sampling, generators):
@@ -758,8 +760,10 @@ class DSparkRunnerMixin:
         return super().execute_model(*args, **kwargs)
 
     def _dspark_end_step(self, num_scheduled_tokens: int, num_drafting: int, budget: int,
-                         draft_s: float) -> None:
-        """Account for every step: measured vs predicted time, the cost-model corrections, metrics."""
+                         draft_s: float, num_decoding: int = 0, other_tokens: int = 0) -> None:
+        """Account for every step: measured vs predicted time, the cost-model corrections, the
+        guard's measured rates, metrics. num_decoding: requests that could draft this step;
+        other_tokens: scheduled tokens of other requests (prefill chunks)."""
         drafter: DSparkProposer = self.drafter
         now, start, prev_end = time.perf_counter(), self._dspark_step_start, self._dspark_step_end
         measured = predicted = None
@@ -774,7 +778,12 @@ class DSparkRunnerMixin:
                 target_s = 1.0 / drafter.profile.sps(num_scheduled_tokens)
                 drafter.learned.observe(num_scheduled_tokens, target_s, measured - draft_s + (gap or 0.0), draft_s,
                                         drafter.profile.draft_seconds(num_drafting))
+            if drafter.guard is not None and other_tokens == 0:
+                emitted = drafter.step_emitted
+                drafter.guard.observe_step(num_decoding, emitted is not None, num_drafting > 0,
+                                           num_decoding if emitted is None else emitted, measured + (gap or 0.0))
         drafter.stats.record_step(num_drafting, drafter.num_tokens, budget, measured, predicted)
+        drafter.step_emitted = None
         self._dspark_step_start, self._dspark_step_end = None, now
 
     # -- engine cost profile SPS(B) ----------------------------------------

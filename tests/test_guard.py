@@ -53,31 +53,38 @@ def test_load_and_other_tokens_enter_the_decision():
     assert guard.should_draft(64, 512, cost("steep", 64))
 
 
-def test_measured_wide_steps_make_the_guard_skip():
-    """On a flat profile 64 requests with tau 2.7 should draft; serving then measures
-    steps that verify 5 drafts per request at 3x the profile, and the guard skips."""
-    from dspark_vllm.sps import ServingCorrections
-
+def test_measured_rates_decide_where_the_profile_is_wrong():
+    """On a flat profile 64 requests with tau 2.7 should draft. Serving measures drafting
+    steps at 64 requests emitting 2.7 tokens per request in 20 ms; the model puts plain
+    decoding (10 ms) within the explore margin, so the guard takes two plain steps per
+    cycle to measure them, finds 6 ms, and skips; alone, a request keeps drafting."""
     profile = synthetic_profile("flat", 1024)
+    wide = StepCost(profile, draft_s=profile.draft_seconds(64))
     guard = seen(tau=2.7, verified=5.0)
-    learned = ServingCorrections()
-    wide = StepCost(profile, learned, draft_s=profile.draft_seconds(64))
     assert guard.should_draft(64, 0, wide)
-    t = 1 / profile.sps(384)
-    for _ in range(30):
-        learned.observe(64 + 320, t, 3 * t, 0.0, 0.0)
-        learned.observe(64, t, t, 0.0, 0.0)  # plain-width steps cost what the profile says
-    assert not guard.should_draft(64, 0, wide)
-    assert guard.should_draft(1, 0, StepCost(profile, learned, draft_s=profile.draft_seconds(1)))  # alone: draft
+    for _ in range(10):
+        guard.observe_step(64, verified=True, drafted=True, emitted=64 * 2.7, seconds=0.020)
+    speculative, plain = guard.rates(64, 0, wide)
+    assert speculative == pytest.approx(64 * 2.7 / 0.020) and speculative > plain > 0.7 * speculative
+    cycle = [guard.should_draft(64, 0, wide) for _ in range(guard.probe_every)]
+    assert cycle.count(False) == 2  # explore: two plain steps in a row
+    guard.observe_step(64, verified=True, drafted=False, emitted=64, seconds=0.006)  # a transition: ignored
+    assert guard.plain_rate == {}
+    guard.observe_step(64, verified=False, drafted=False, emitted=64, seconds=0.006)
+    assert guard.rates(64, 0, wide) == pytest.approx((64 * 2.7 / 0.020, 64 / 0.006))
+    decisions = [guard.should_draft(64, 0, wide) for _ in range(2 * guard.probe_every)]
+    assert decisions.count(True) == 4  # skip, probing two drafting steps per cycle
+    assert guard.should_draft(1, 0, StepCost(profile, draft_s=profile.draft_seconds(1)))  # another bucket: model
+    assert guard.should_draft(64, 512, wide)  # a prefill chunk shares the step: the model decides
 
 
 def test_probing_resumes_drafting():
     guard = seen(tau=1.5)
     steep = cost("steep")
     decisions = [guard.should_draft(1, 0, steep) for _ in range(3 * guard.probe_every)]
-    # skipped, except one probe every probe_every steps
-    assert decisions.count(True) == 3
-    assert all(decisions[i] == ((i + 1) % guard.probe_every == 0) for i in range(len(decisions)))
+    # skipped, except two probing steps in a row at the end of every cycle
+    assert decisions.count(True) == 6
+    assert all(decisions[i] == ((i + 1) % guard.probe_every >= guard.probe_every - 2) for i in range(len(decisions)))
     # the curve flattens (e.g. load fell on a padded engine): the next step drafts again
     assert guard.should_draft(1, 0, cost("flat"))
     # on the steep curve, probes that find the text predictable again bring drafting back

@@ -482,28 +482,6 @@ def test_step_overhead_makes_verification_cheaper_relatively():
     assert 1 / StepCost(profile, overhead(0.05), 0.01).sps(40) == pytest.approx(1 / profile.sps(40) + 0.06)
 
 
-def test_measured_cost_by_batch_size_steepens_the_curve_where_it_was_seen():
-    """Serving measures a forward of ~512 tokens at 3x the profile: steps in that bucket
-    cost 3x in the model, other sizes keep profile + overhead, and Algorithm 1 verifies less."""
-    from dspark_vllm.sps import ServingCorrections, StepCost
-
-    profile = synthetic_profile("flat", 1024)
-    learned = ServingCorrections(smoothing=0.5)
-    t = 1 / profile.sps(300)
-    for _ in range(20):
-        learned.observe(300, t, 3 * t, 0.001, 0.001)  # wide steps: 3x the profile
-    for _ in range(20):
-        learned.observe(40, t, t, 0.001, 0.001)  # narrow steps: as profiled
-    cost = StepCost(profile, learned)
-    assert learned.ratio == {9: pytest.approx(3.0), 6: pytest.approx(1.0)}  # 256 <= 300 < 512, 32 <= 40 < 64
-    assert learned.overhead_s < 0.01 * t
-    assert 1 / cost.sps(400) == pytest.approx(3 / profile.sps(400))
-    assert 1 / cost.sps(100) == pytest.approx(1 / profile.sps(100) + learned.overhead_s)
-    conf = torch.full((64, 7), 0.8)
-    assert SyncPolicy().lengths(conf, 7, 64, profile=cost).sum() < SyncPolicy().lengths(conf, 7, 64,
-                                                                                         profile=profile).sum()
-
-
 def test_draft_table_interpolates_round_time_by_requests():
     from dspark_vllm.sps import make_profile
 
