@@ -71,8 +71,6 @@ class DSparkOptions(BaseModel):
     # Break-even guard (sync / async, or any policy given an sps_profile): skip the
     # drafter in steps where speculation is not expected to beat plain decoding.
     break_even: bool = True
-    # Where the engine keeps its DSpark counters (shared memory); filled in by the plugin.
-    metrics_path: str | None = None
 
 
 def options_from_additional_config(additional_config: dict | None) -> DSparkOptions:

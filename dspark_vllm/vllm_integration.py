@@ -32,7 +32,7 @@ from . import sps as sps_profile
 from .calibration import apply_temperatures, load_calibration
 from .config import DSparkOptions, PROPOSER_PATH, options_from_additional_config
 from .guard import BreakEvenGuard
-from .metrics import EngineStats, default_metrics_path, serve_metrics_from
+from .metrics import DSparkPrometheus, EngineStats, StatsReport
 from .model.checkpoint import TargetInfo, load_draft_model, validate_checkpoint
 from .model.config import DSparkConfig, DSparkConfigError
 from .policies import check_policy, make_policy
@@ -90,12 +90,6 @@ def configure(vllm_config) -> None:
         raise DSparkConfigError(
             f"additional_config['dspark'].refinement: {options.draft_model} has no confidence head, so there "
             "are no confidences to calibrate; drop 'refinement' or use a DSpark checkpoint with one.")
-    if options.metrics_path is None:
-        # The engine's first worker counts here; this (front-end) process serves it on /metrics.
-        dspark = {**vllm_config.additional_config["dspark"], "metrics_path": str(default_metrics_path())}
-        vllm_config.additional_config = {**vllm_config.additional_config, "dspark": dspark}
-        options = options_from_additional_config(vllm_config.additional_config)
-    serve_metrics_from(options.metrics_path)
     parallel = vllm_config.parallel_config
     if parallel.worker_cls in _WORKERS:
         parallel.worker_cls = _WORKERS[parallel.worker_cls]
@@ -121,6 +115,7 @@ def install() -> None:
     check_and_update_config._dspark_wrapped = True
     platform_cls.check_and_update_config = staticmethod(check_and_update_config)
     _allow_min_p_and_logit_bias()
+    _add_stat_logger()
 
 
 def _allow_min_p_and_logit_bias() -> None:
@@ -140,6 +135,35 @@ def _allow_min_p_and_logit_bias() -> None:
 
     _validate_spec_decode._dspark_wrapped = True
     SamplingParams._validate_spec_decode = _validate_spec_decode
+
+
+def _add_stat_logger() -> None:
+    """Give every DSpark engine's front end (LLMEngine and AsyncLLM alike) the DSpark stat
+    logger, first in line, so that vLLM's own loggers see SchedulerStats without our report.
+
+    vLLM's `vllm.stat_logger_plugins` entry point would reach AsyncLLM only, and it turns
+    stats on for every AsyncLLM in the environment, DSpark or not, even under
+    --disable-log-stats. Here nothing changes for other engines, and a DSpark engine
+    with stats off has neither vLLM's metrics nor ours (the scheduler then sends none)."""
+    import inspect
+
+    from vllm.v1.metrics.loggers import StatLoggerManager
+
+    original = StatLoggerManager.__init__
+    if getattr(original, "_dspark_wrapped", False):
+        return
+    signature = inspect.signature(original)
+
+    @functools.wraps(original)
+    def __init__(self, *args, **kwargs) -> None:
+        bound = signature.bind(self, *args, **kwargs)
+        if uses_dspark(bound.arguments["vllm_config"]):
+            bound.arguments["custom_stat_loggers"] = [
+                DSparkStatLogger, *(bound.arguments.get("custom_stat_loggers") or [])]
+        original(*bound.args, **bound.kwargs)
+
+    __init__._dspark_wrapped = True
+    StatLoggerManager.__init__ = __init__
 
 
 # ---------------------------------------------------------------------------
@@ -162,6 +186,7 @@ class DSparkScheduler(Scheduler):
         options = options_from_additional_config(vllm_config.additional_config)
         self._dspark_lookahead = DSparkConfig.from_pretrained(options.draft_model).block_size
         self._dspark_rejected_draft: dict[str, int] = {}  # req_id -> index of its kept invalid draft
+        self._dspark_report = StatsReport()  # the worker's counters -> reports in SchedulerStats
         super().__init__(vllm_config, *args, **kwargs)
 
     @property
@@ -171,6 +196,27 @@ class DSparkScheduler(Scheduler):
     @num_lookahead_tokens.setter
     def num_lookahead_tokens(self, value: int) -> None:
         pass  # vLLM's own value (0 for custom_class) is superseded
+
+    # -- metrics: the worker's counters ride to the front end in SchedulerStats ----
+    def update_from_output(self, scheduler_output, model_runner_output):
+        """vLLM's update; with stats on, the step's SchedulerStats also carry DSpark's report.
+
+        The driver worker attached its counters to the step's output
+        (`DSparkRunnerMixin.sample_tokens`); vLLM sends SchedulerStats to one
+        front end per step, so the report goes there (see metrics.py)."""
+        if not self.log_stats:
+            return super().update_from_output(scheduler_output, model_runner_output)
+        snapshot = getattr(model_runner_output, "dspark_stats", None)
+        if snapshot is not None:
+            self._dspark_report.observe(snapshot)
+        outputs = super().update_from_output(scheduler_output, model_runner_output)
+        for eco in outputs.values():
+            if eco.scheduler_stats is not None:
+                report = self._dspark_report.take()
+                if report is not None:
+                    attach_report(eco.scheduler_stats, report)
+                break
+        return outputs
 
     # -- structured output: a grammar's cut of a sampled draft is a rejection ----
     #
@@ -236,6 +282,62 @@ class DSparkScheduler(Scheduler):
 
 
 # ---------------------------------------------------------------------------
+# Metrics in the front end: the report travels in SchedulerStats.kv_connector_stats,
+# the one free-form field (dict[str, Any]) vLLM's serializer carries as plain data.
+# ---------------------------------------------------------------------------
+
+REPORT_KEY = "__dspark__"
+
+
+def attach_report(scheduler_stats, report: dict) -> None:
+    """Engine core: put the report next to any KV-connector stats (a copy: never edit theirs)."""
+    scheduler_stats.kv_connector_stats = {**(scheduler_stats.kv_connector_stats or {}), REPORT_KEY: report}
+
+
+def take_report(scheduler_stats) -> dict | None:
+    """Front end: remove the report, leaving the field as vLLM made it (None when it held only
+    ours: vLLM's logging logger hands any non-empty dict to a KV connector, which may not exist)."""
+    stats = getattr(scheduler_stats, "kv_connector_stats", None)
+    if not stats or REPORT_KEY not in stats:
+        return None
+    rest = dict(stats)
+    report = rest.pop(REPORT_KEY)
+    scheduler_stats.kv_connector_stats = rest or None
+    return report
+
+
+from vllm.v1.metrics.loggers import AggregateStatLoggerBase  # noqa: E402
+
+
+class DSparkStatLogger(AggregateStatLoggerBase):
+    """Front end: DSpark's reports (one per engine step, from every engine) -> `vllm:dspark_*`.
+
+    Installed first among a DSpark engine's stat loggers (`_add_stat_logger`).
+    The Prometheus metrics are made once vLLM's Prometheus logger, built after
+    this one, has cleared the registry of `vllm:` metrics.
+    """
+
+    def __init__(self, vllm_config, engine_indexes: list[int] | None = None):
+        options = options_from_additional_config(vllm_config.additional_config)
+        self.policy = options.verification
+        self.num_positions = vllm_config.speculative_config.num_speculative_tokens
+        self.prometheus: DSparkPrometheus | None = None
+
+    def _exporter(self) -> DSparkPrometheus:
+        if self.prometheus is None:
+            self.prometheus = DSparkPrometheus(self.policy, self.num_positions)
+        return self.prometheus
+
+    def record(self, scheduler_stats, iteration_stats, mm_cache_stats=None, engine_idx: int = 0):
+        report = take_report(scheduler_stats)
+        if report is not None:
+            self._exporter().record(report)
+
+    def log_engine_initialized(self):
+        self._exporter()  # the metrics exist (at zero) from the start
+
+
+# ---------------------------------------------------------------------------
 # The proposer: draft model + its attention layers in vLLM's paged KV cache.
 # ---------------------------------------------------------------------------
 
@@ -290,9 +392,10 @@ class DSparkProposer:
         self.profile = None  # SPSProfile, set by the runner before serving
         self.learned = sps_profile.ServingCorrections()  # what the profile does not see
         self.guard = BreakEvenGuard() if self.options.break_even else None
-        # Only the first rank publishes: every rank sees the same steps.
-        path = self.options.metrics_path if _is_first_rank() else None
-        self.stats = EngineStats(self.policy.name, self.num_tokens, path)
+        # Counters in private memory. Only the first rank reports them: every rank sees the
+        # same steps, and it is the rank whose step output vLLM's executor returns.
+        self.reports_stats = _is_first_rank()
+        self.stats = EngineStats(self.policy.name, self.num_tokens)
         if self.temperatures is not None:
             self.stats.record_calibration(np.asarray(self.temperatures[: self.num_tokens]), float("nan"), 0)
         self.model = None
@@ -507,6 +610,28 @@ def _is_first_rank() -> bool:
         return get_tensor_model_parallel_rank() == 0
     except (AssertionError, ImportError):  # no distributed state (tests that build the proposer alone)
         return True
+
+
+def _with_stats(output, snapshot: list[float]):
+    """`output` with `dspark_stats` attached to its ModelRunnerOutput (a plain attribute:
+    pickling keeps it on every executor's route). vLLM returns one shared empty output
+    object, which is copied rather than changed; under async scheduling the
+    ModelRunnerOutput is wrapped."""
+    from copy import copy
+
+    from vllm.v1.outputs import EMPTY_MODEL_RUNNER_OUTPUT, ModelRunnerOutput
+
+    inner = getattr(output, "_model_runner_output", output)
+    if not isinstance(inner, ModelRunnerOutput):
+        return output  # e.g. intermediate tensors: not a step's result
+    if inner is EMPTY_MODEL_RUNNER_OUTPUT:
+        inner = copy(inner)
+        if output is EMPTY_MODEL_RUNNER_OUTPUT:
+            output = inner
+        else:
+            output._model_runner_output = inner
+    inner.dspark_stats = snapshot
+    return output
 
 
 def _host_to_device(array, device: torch.device, dtype: torch.dtype | None = None) -> torch.Tensor:
@@ -758,6 +883,15 @@ class DSparkRunnerMixin:
             if reset is not None:  # async: confidences from before an idle spell describe another batch
                 reset()
         return super().execute_model(*args, **kwargs)
+
+    def sample_tokens(self, *args, **kwargs):
+        """vLLM's step output, carrying (from the driver rank, the one whose output vLLM's
+        executor returns) a copy of the DSpark counters for the engine core's scheduler."""
+        output = super().sample_tokens(*args, **kwargs)
+        drafter: DSparkProposer = self.drafter
+        if drafter.reports_stats:
+            output = _with_stats(output, drafter.stats.snapshot())
+        return output
 
     def _dspark_end_step(self, num_scheduled_tokens: int, num_drafting: int, budget: int,
                          draft_s: float, num_decoding: int = 0, other_tokens: int = 0) -> None:
@@ -1044,7 +1178,7 @@ class DSparkCPUModelRunner(DSparkRunnerMixin, CPUModelRunner):
 
 class DSparkWorkerMixin:
     """What both DSpark workers add: the cost profile after warm-up, and methods
-    reachable with `llm.collective_rpc("dspark_info")` (or "dspark_last_round")."""
+    reachable with `llm.collective_rpc("dspark_info")` (or "dspark_stats", "dspark_last_round")."""
 
     def compile_or_warm_up_model(self):
         times = super().compile_or_warm_up_model()
@@ -1062,6 +1196,12 @@ class DSparkWorkerMixin:
                                "tokens": r.tokens[j].tolist(),
                                "confidence_logits": None if logits is None else logits[j]}
         return out
+
+    def dspark_stats(self) -> dict | None:
+        """The engine's DSpark counters, exact (Prometheus readers such as llm.get_metrics()
+        round counters to ints): the driver rank's, None on the other tensor-parallel ranks."""
+        drafter = self.model_runner.drafter
+        return drafter.stats.as_dict() if drafter.reports_stats else None
 
     def dspark_info(self) -> dict:
         drafter = self.model_runner.drafter

@@ -47,12 +47,12 @@ def parse_args(argv=None):
     return ap.parse_args(argv)
 
 
-def counters(path) -> dict:
-    from dspark_vllm.metrics import read_stats
-
-    s = read_stats(path)
-    return {"verified": s.verified.copy(), "accepted": s.accepted.copy(), "predicted": s.predicted.copy(),
-            "temperature": s.temperature.copy(), "live_ece": float(s.live_ece[0]), "refits": float(s.refits[0])}
+async def counters(engine) -> dict:
+    """The plugin's counters, exact, from the engine's driver worker."""
+    s = (await engine.collective_rpc("dspark_stats"))[0]
+    return {"verified": np.array(s["verified"]), "accepted": np.array(s["accepted"]),
+            "predicted": np.array(s["predicted"]), "temperature": np.array(s["temperature"]),
+            "live_ece": s["live_ece"], "refits": s["refits"]}
 
 
 async def serve(args, prompts, refinement):
@@ -66,15 +66,14 @@ async def serve(args, prompts, refinement):
     engine = AsyncLLM.from_engine_args(AsyncEngineArgs(
         model=args.target, max_model_len=args.max_model_len, enforce_eager=True, seed=0,
         max_num_seqs=args.concurrency, **kwargs))
-    path = engine.vllm_config.additional_config["dspark"]["metrics_path"]
     params = SamplingParams(max_tokens=args.max_tokens, temperature=0.0, ignore_eos=True)
     rows = []
     try:
         await run_level(engine, prompts[:2], 2, params)  # warm-up
         for p in range(args.passes):
-            before = counters(path)
+            before = await counters(engine)
             got, wall = await run_level(engine, prompts, args.concurrency, params)
-            after = counters(path)
+            after = await counters(engine)
             d = {k: after[k] - before[k] for k in ("verified", "accepted", "predicted")}
             v = np.maximum(d["verified"], 1)
             row = {"refinement": refinement, "pass": p + 1,

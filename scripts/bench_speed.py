@@ -77,14 +77,11 @@ async def run_level(engine, prompts, concurrency, params):
     return answers, time.perf_counter() - start
 
 
-def dspark_counters(path):
-    from dspark_vllm.metrics import read_stats
-
-    s = read_stats(path)
-    if s is None:
-        return {"rounds": 0.0, "accepted": 0.0, "steps": 0.0, "drafting_steps": 0.0}
-    return {"rounds": float(s.drafted[0]), "accepted": float(s.accepted.sum()), "steps": float(s.steps[0]),
-            "drafting_steps": float(s.drafting_steps[0])}
+async def dspark_counters(engine):
+    """The plugin's counters, exact, from the engine's driver worker."""
+    s = (await engine.collective_rpc("dspark_stats"))[0]
+    return {"rounds": s["drafted"][0], "accepted": sum(s["accepted"]), "steps": s["steps"],
+            "drafting_steps": s["drafting_steps"]}
 
 
 async def ngram_counters(engine):
@@ -106,7 +103,7 @@ async def bench_engine(args, name, prompts, levels):
     from vllm.engine.arg_utils import AsyncEngineArgs
     from vllm.v1.engine.async_llm import AsyncLLM
 
-    kwargs, metrics_path = {}, None
+    kwargs = {}
     if name.startswith("dspark-"):
         options = {k: v for k, v in (("calibration", args.calibration), ("sps_profile", args.sps_profile))
                    if v is not None}
@@ -116,22 +113,21 @@ async def bench_engine(args, name, prompts, levels):
     engine = AsyncLLM.from_engine_args(AsyncEngineArgs(
         model=args.target, dtype=args.dtype, max_model_len=args.max_model_len, enforce_eager=not args.cuda_graphs,
         max_num_seqs=max(levels), seed=0, disable_log_stats=name != "ngram", **kwargs))
-    if name.startswith("dspark-"):
-        metrics_path = engine.vllm_config.additional_config["dspark"]["metrics_path"]
+    is_dspark = name.startswith("dspark-")
     params = SamplingParams(max_tokens=args.max_tokens, temperature=args.temperature, ignore_eos=True)
     rows, answers = [], {}
     try:
         await run_level(engine, prompts[:2], 2, params)  # warm-up
         for c in levels:
-            before = dspark_counters(metrics_path) if metrics_path else await ngram_counters(engine)
+            before = await (dspark_counters(engine) if is_dspark else ngram_counters(engine))
             got, wall = await run_level(engine, prompts, c, params)
-            after = dspark_counters(metrics_path) if metrics_path else await ngram_counters(engine)
+            after = await (dspark_counters(engine) if is_dspark else ngram_counters(engine))
             delta = {k: after[k] - before[k] for k in after}
             tokens = sum(len(t) for t in got.values())
             row = {"engine": name, "concurrency": c, "output_tokens_per_s": tokens / wall, "wall_s": wall,
                    "requests": len(got), "tokens": tokens,
                    "tau": 1 + delta["accepted"] / delta["rounds"] if delta["rounds"] else None}
-            if metrics_path:
+            if is_dspark:
                 row["drafting_step_fraction"] = delta["drafting_steps"] / max(delta["steps"], 1.0)
             rows.append(row)
             answers[c] = got

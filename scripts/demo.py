@@ -24,7 +24,6 @@ if __name__ == "__main__":
     from vllm import LLM, SamplingParams
 
     import dspark_vllm
-    from dspark_vllm.metrics import read_stats
     from dspark_vllm.prompts import load_turns
 
     paths = dspark_vllm.demo_paths()
@@ -44,14 +43,13 @@ if __name__ == "__main__":
     kwargs = dspark_vllm.engine_kwargs(paths["dspark"], verification=args.verification,
                                        calibration=paths["calibration"])
     llm = LLM(model=paths["target"], **kwargs, **common)
-    metrics_path = llm.llm_engine.vllm_config.additional_config["dspark"]["metrics_path"]  # the plugin's counters
     timed(llm)
     spec, spec_s = timed(llm)
     for prompt, text in zip(prompts, spec):
         print(f"--- prompt (last lines):\n{chr(10).join(prompt.splitlines()[-3:])}\n--- DSpark continues:\n{text}\n")
-    stats = read_stats(metrics_path)
-    rounds = stats.drafted[0] if stats else 0
-    tau = 1 + stats.accepted.sum() / rounds if rounds else float("nan")
+    [stats] = llm.collective_rpc("dspark_stats")  # the plugin's counters, from the driver worker
+    rounds = stats["drafted"][0]
+    tau = 1 + sum(stats["accepted"]) / rounds if rounds else float("nan")
     tokens = len(prompts) * args.max_tokens
     print(f"identical to plain decoding: {spec == plain}")
     print(f"policy {args.verification}: {tau:.2f} tokens per drafting round; "

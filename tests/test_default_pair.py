@@ -43,7 +43,6 @@ def test_dspark_is_exact_and_accepts_drafts_on_held_out_code(pair):
     from transformers import AutoTokenizer
     from vllm import LLM, SamplingParams
 
-    from dspark_vllm.metrics import read_stats
     from dspark_vllm.prompts import load_turns, prompt_token_ids
 
     tok = AutoTokenizer.from_pretrained(pair["target"])
@@ -57,6 +56,6 @@ def test_dspark_is_exact_and_accepts_drafts_on_held_out_code(pair):
     kwargs = dspark_vllm.engine_kwargs(pair["dspark"], verification="fixed", calibration=pair["calibration"])
     llm = LLM(model=pair["target"], **kwargs, **common)
     assert generate_ids(llm, prompts, params) == expected
-    stats = read_stats(llm.llm_engine.vllm_config.additional_config["dspark"]["metrics_path"])
-    tau = 1 + sum(stats.accepted) / stats.drafted[0]
+    [stats] = llm.collective_rpc("dspark_stats")
+    tau = 1 + sum(stats["accepted"]) / stats["drafted"][0]
     assert tau > 2.5, f"trained drafter should be accepted often on code, got {tau:.2f} tokens per round"

@@ -78,10 +78,11 @@ def test_greedy_equals_plain_decoding_and_lengths_vary(scheduled, baseline, prom
     assert drafted > verified > accepted >= 0
     assert m["vllm:dspark_drafted_tokens[1]"] >= m["vllm:dspark_verified_tokens[1]"]
     # llm.get_metrics() truncates counters to ints (seconds < 1 read 0): read the engine's own counters
-    from dspark_vllm.metrics import read_stats
-
-    stats = read_stats(llm.llm_engine.vllm_config.additional_config["dspark"]["metrics_path"])
-    assert stats.profiled_step_time_sum[0] > 0 and stats.step_time_sum[0] > 0
+    [stats] = llm.collective_rpc("dspark_stats")
+    assert stats["profiled_step_time_sum"] > 0 and stats["step_time_sum"] > 0
+    # every step's increments reached the front end, once
+    assert m["vllm:dspark_engine_steps"] == stats["steps"]
+    assert m["vllm:dspark_drafted_tokens[1]"] == stats["drafted"][0]
     predicted = [m[f"vllm:dspark_predicted_accepted_tokens[{k}]"] for k in range(1, BLOCK + 1)]
     per_pos = [m[f"vllm:dspark_accepted_tokens[{k}]"] for k in range(1, BLOCK + 1)]
     assert sum(predicted) > 0
@@ -144,8 +145,6 @@ def test_online_refinement_stays_exact_and_reports(fixture_paths, serve_files, b
     the temperatures in use and the live ECE."""
     from vllm import SamplingParams
 
-    from dspark_vllm.metrics import read_stats
-
     import dspark_vllm
     from vllm import LLM
 
@@ -160,10 +159,11 @@ def test_online_refinement_stays_exact_and_reports(fixture_paths, serve_files, b
     cond = exact_conditionals(fixture_paths["target"], prompt, temperature=2.0)
     assert sequence_gof_pvalue(samples, cond) > 1e-3
 
-    stats = read_stats(llm.llm_engine.vllm_config.additional_config["dspark"]["metrics_path"])
-    assert stats.refits[0] > 10 and 0 <= stats.live_ece[0] < 1
+    [stats] = llm.collective_rpc("dspark_stats")
+    assert stats["refits"] > 10 and 0 <= stats["live_ece"] < 1
     offline = [1.5, 1.0, 0.8, 1.2, 1.0, 2.0, 1.0]
-    assert list(stats.temperature) != offline and all(t > 0 for t in stats.temperature)
+    assert stats["temperature"] != offline and all(t > 0 for t in stats["temperature"])
     m = dspark_metrics(llm)
-    assert m["vllm:dspark_calibration_refits"] == stats.refits[0]
-    assert m["vllm:dspark_confidence_temperature[1]"] == pytest.approx(stats.temperature[0])
+    assert m["vllm:dspark_calibration_refits"] == stats["refits"]
+    assert m["vllm:dspark_confidence_temperature[1]"] == pytest.approx(stats["temperature"][0])
+    assert m["vllm:dspark_live_calibration_ece"] == pytest.approx(stats["live_ece"])

@@ -110,11 +110,9 @@ def generate(llm, prompts, params):
 
 
 def counts(llm) -> dict[str, np.ndarray]:
-    """The plugin's per-position counters of this engine (its own shared-memory file)."""
-    from dspark_vllm.metrics import read_stats
-
-    stats = read_stats(llm.llm_engine.vllm_config.additional_config["dspark"]["metrics_path"])
-    return {k: np.array(getattr(stats, k)) for k in ("drafted", "verified", "accepted")}
+    """The plugin's per-position counters of this engine (exact, from its driver worker)."""
+    [stats] = llm.collective_rpc("dspark_stats")
+    return {k: np.array(stats[k]) for k in ("drafted", "verified", "accepted")}
 
 
 def draft_cuts(before: dict, after: dict, num_requests: int) -> dict[str, np.ndarray]:

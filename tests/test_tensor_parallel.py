@@ -65,6 +65,13 @@ def test_greedy_equals_plain_tp2(plain_tp, dspark_tp, prompts):
     assert generate_ids(dspark_tp, prompts, params) == generate_ids(plain_tp, prompts, params)
     driver, follower = draft_rounds(dspark_tp)
     assert driver > 0 and follower == 0  # only the driver drafts
+    # metrics: the driver reports, once per engine step, whatever the number of ranks
+    stats, follower_stats = dspark_tp.collective_rpc("dspark_stats")
+    assert follower_stats is None
+    metrics = {m.name: m.value for m in dspark_tp.get_metrics() if m.name.startswith("vllm:dspark_") and not m.labels
+               and hasattr(m, "value")}
+    assert metrics["vllm:dspark_engine_steps"] == stats["steps"] > 0
+    assert metrics["vllm:dspark_drafting_steps"] == stats["drafting_steps"] == driver
 
 
 def test_sampling_matches_target_distribution_tp2(dspark_tp, fixture_paths, prompts):
