@@ -35,7 +35,10 @@ def draft_block(
     num_tokens: int,
     sampling: SamplingRows,
     generators: dict[int, torch.Generator] | None = None,
+    sampled: bool | None = None,
 ) -> Drafts:
+    """sampled: whether any row samples (None: read it from `sampling`, a host sync on
+    CUDA; serving passes vLLM's batch-level flag instead)."""
     B, gamma = anchors.shape[0], model.config.block_size
     # 1. Parallel backbone: [anchor, mask, ...] at positions anchor_pos + 0..gamma-1.
     ids = model.block_input_ids(anchors)
@@ -45,7 +48,8 @@ def draft_block(
 
     # 2. Sequential Markov loop: slot k's logits get the bias of the token drafted at k-1.
     greedy = sampling.is_greedy.to(anchors.device)
-    sampled = not bool(greedy.all())
+    if sampled is None:
+        sampled = not bool(greedy.all())
     probs = base.new_zeros(base.shape) if sampled else None
     head = model.markov_head
     state = head.init_state(B, hidden) if head is not None else None

@@ -383,6 +383,7 @@ class DSparkProposer:
         if self.options.calibration:
             self.temperatures = load_calibration(self.options.calibration,
                                                  self.draft_config.block_size).temperatures
+        self._temperatures_t = None  # the temperatures on the drafter's device (uploaded once)
         self.online = None  # online STS refinement, if asked for
         if self.options.refinement is not None:
             start = np.ones(self.num_tokens) if self.temperatures is None else self.temperatures[: self.num_tokens]
@@ -506,14 +507,17 @@ class DSparkProposer:
             return None
         if self.temperatures is None:
             return drafts.confidences.float()
-        return apply_temperatures(drafts.confidence_logits.float(), self.temperatures)
+        logits = drafts.confidence_logits.float()
+        if self._temperatures_t is None or self._temperatures_t.device != logits.device:
+            self._temperatures_t = torch.tensor(self.temperatures, dtype=torch.float32, device=logits.device)
+        return apply_temperatures(logits, self._temperatures_t)
 
     def begin_round(self) -> None:
         """Before the drafter runs: temperatures re-fitted on verified rounds apply from
         this round on (never to a round that is already drafted; see refinement.py)."""
         update = None if self.online is None else self.online.take_update()
         if update is not None:
-            self.temperatures = list(update)
+            self.temperatures, self._temperatures_t = list(update), None
             self.stats.record_calibration(update, self.online.live_ece, self.online.refits)
 
     def step_cost(self, num_drafting: int) -> sps_profile.StepCost | None:
@@ -843,22 +847,31 @@ class DSparkRunnerMixin:
         drafter.rounds_drafted += 1
         device = features.device
         block_table = table.get_device_tensor(num_reqs)
-        sampling = sampling_rows(sampling_metadata, num_reqs, drafter.draft_config.vocab_size).index(torch.tensor(rows))
+        rows_t = _host_to_device(rows, device, torch.long)
+        sampling = sampling_rows(sampling_metadata, num_reqs, drafter.draft_config.vocab_size).index(rows_t)
         generators = {j: sampling_metadata.generators[i] for j, i in enumerate(rows)
                       if i in sampling_metadata.generators}
         if len(rows) < num_reqs:
-            block_table = block_table[torch.tensor(rows, device=device)]
-        out = self._dspark_draft(block_table, table.block_size, torch.tensor(anchors, device=device),
-                                 anchor_pos, sampling, generators)
+            block_table = block_table[rows_t]
+        out = self._dspark_draft(block_table, table.block_size, _host_to_device(anchors, device, torch.long),
+                                 anchor_pos, sampling, generators, sampled=not sampling_metadata.all_greedy)
+        # The round's one device-to-host copy: draft tokens for the scheduler and the
+        # calibrated confidences for the policy (which runs on the host).
         confidences = drafter.calibrated_confidences(out)
-        lengths = drafter.verify_lengths(confidences, len(rows), other_tokens)
+        K = out.tokens.shape[1]
+        if confidences is None:
+            tokens_h, confidences_h = out.tokens.cpu(), None
+        else:
+            host = torch.cat([out.tokens.double(), confidences.double()], dim=1).cpu()
+            tokens_h, confidences_h = host[:, :K].long(), host[:, K:]
+        lengths = drafter.verify_lengths(confidences_h, len(rows), other_tokens)
 
         # 4. Hand over: token lists to the scheduler, q rows on vLLM's draft-probs route.
-        tokens = out.tokens.tolist()
+        tokens = tokens_h.tolist()
         for j, (i, L) in enumerate(zip(rows, lengths.tolist())):
             drafts[i] = tokens[j][:L]
         round_ids = [req_ids[i] for i in rows]
-        survival = None if confidences is None else confidences.double().cpu().numpy().cumprod(-1)
+        survival = None if confidences_h is None else confidences_h.numpy().cumprod(-1)
         drafter.round = DraftRound(round_ids, anchors, anchor_pos, out.tokens, survival, out.confidence_logits)
         drafter.recent_rounds.append(drafter.round)
         if out.probs is not None:
@@ -866,14 +879,16 @@ class DSparkRunnerMixin:
         self._dspark_end_step(n, len(rows), int(lengths.sum()), time.perf_counter() - started, len(rows), other_tokens)
         return drafts
 
-    def _dspark_draft(self, block_table, block_size: int, anchors, anchor_pos: np.ndarray, sampling, generators):
+    def _dspark_draft(self, block_table, block_size: int, anchors, anchor_pos: np.ndarray, sampling, generators,
+                      sampled: bool | None = None):
         """One drafting round for len(anchors) requests whose context K/V sit in the paged cache."""
         drafter: DSparkProposer = self.drafter
         _, builder = self._dspark_group()
         anchor_pos_t = _host_to_device(anchor_pos, anchors.device, torch.long)
         attend = self._paged_block_attention(builder, block_table, block_size, anchor_pos_t,
                                              int(anchor_pos.max()), drafter.draft_config.block_size)
-        return draft_block(drafter.model, anchors, anchor_pos_t, attend, drafter.num_tokens, sampling, generators)
+        return draft_block(drafter.model, anchors, anchor_pos_t, attend, drafter.num_tokens, sampling, generators,
+                           sampled=sampled)
 
     # -- step timing and metrics ------------------------------------------
     def execute_model(self, *args, **kwargs):
