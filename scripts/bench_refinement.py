@@ -25,7 +25,7 @@ import os
 
 import numpy as np
 
-from bench_speed import run_level  # scripts/ is on sys.path when run as a script
+from bench_speed import load_prompts, run_level  # scripts/ is on sys.path when run as a script
 
 
 def parse_args(argv=None):
@@ -114,12 +114,7 @@ def plot(rows, path):
 def main(argv=None):
     args = parse_args(argv)
     os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "2")
-    from transformers import AutoTokenizer
-
-    from dspark_vllm.prompts import load_turns, prompt_token_ids
-
-    tok = AutoTokenizer.from_pretrained(args.target)
-    prompts = [prompt_token_ids(tok, t, args.raw) for t in load_turns(args.prompts, args.num_prompts)]
+    prompts = load_prompts(args.target, args.prompts, args.num_prompts, args.raw)
     prompts = [p[-(args.max_model_len - args.max_tokens):] for p in prompts]
     rows = []
     for refinement in (False, True):

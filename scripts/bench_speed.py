@@ -139,6 +139,16 @@ async def bench_engine(args, name, prompts, levels):
     return rows, answers
 
 
+def load_prompts(target: str, path: str, limit: int, raw: bool) -> list[list[int]]:
+    """Token ids of the first turn of up to `limit` records (chat template unless raw)."""
+    from transformers import AutoTokenizer
+
+    from dspark_vllm.prompts import load_turns, prompt_token_ids
+
+    tok = AutoTokenizer.from_pretrained(target)
+    return [prompt_token_ids(tok, t, raw) for t in load_turns(path, limit)]
+
+
 def first_difference(a: list[int], b: list[int]) -> int | None:
     """Index of the first token where two answers differ (None: identical)."""
     for i, (x, y) in enumerate(zip(a, b)):
@@ -175,12 +185,9 @@ def plot(result, path):
 def main(argv=None):
     args = parse_args(argv)
     os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "2")
-    from transformers import AutoConfig, AutoTokenizer
+    from transformers import AutoConfig
 
-    from dspark_vllm.prompts import load_turns, prompt_token_ids
-
-    tok = AutoTokenizer.from_pretrained(args.target)
-    prompts = [prompt_token_ids(tok, t, args.raw) for t in load_turns(args.prompts, args.num_prompts)]
+    prompts = load_prompts(args.target, args.prompts, args.num_prompts, args.raw)
     too_long = [i for i, p in enumerate(prompts) if len(p) + args.max_tokens > args.max_model_len]
     if too_long:
         sys.exit(f"prompts {too_long[:5]} do not fit: raise --max-model-len or lower --max-tokens")

@@ -9,6 +9,7 @@ them to a GPU (scripts/gpu_check.sh sets them):
     DSPARK_TEST_CUDA_GRAPHS=1    enforce_eager=False: torch.compile and CUDA graphs, as served
 """
 
+import gc
 import os
 
 import torch
@@ -64,3 +65,14 @@ def exact_conditionals(target_path, prompt_ids, top_k=None, top_p=None, temperat
         return cache[prefix]
 
     return cond
+
+
+def close(llm):
+    """Shut an engine down now (tests that build several engines keep memory bounded)."""
+    llm.llm_engine.engine_core.shutdown()
+    del llm
+    gc.collect()
+
+
+def generate(llm, prompts, params):
+    return llm.generate([{"prompt_token_ids": p} for p in prompts], params, use_tqdm=False)

@@ -9,12 +9,11 @@ lands inside an accepted block. (The random-weight fixture drafter is almost
 never accepted: with it these cases would never arise.)
 """
 
-import gc
 
 import numpy as np
 import pytest
 
-from engine_utils import COMMON
+from engine_utils import COMMON, close, generate
 
 pytestmark = pytest.mark.slow
 
@@ -70,16 +69,6 @@ def dspark(pair):
               per_request_spec_decode_metrics="detailed")
     yield llm
     close(llm)
-
-
-def close(llm):
-    llm.llm_engine.engine_core.shutdown()
-    del llm
-    gc.collect()
-
-
-def generate(llm, prompts, params):
-    return llm.generate([{"prompt_token_ids": p} for p in prompts], params, use_tqdm=False)
 
 
 def token_ids(outs):

@@ -16,14 +16,13 @@ pair, temperature 2) checks that a grammar's cut of a *sampled* draft keeps
 the output distribution exact.
 """
 
-import gc
 import json
 import re
 
 import numpy as np
 import pytest
 
-from engine_utils import COMMON
+from engine_utils import COMMON, close, generate
 
 pytestmark = pytest.mark.slow
 
@@ -97,16 +96,6 @@ def dspark(pair):
     llm = LLM(model=pair["target"], **dspark_vllm.engine_kwargs(pair["dspark"]), **COMMON)
     yield llm
     close(llm)
-
-
-def close(llm):
-    llm.llm_engine.engine_core.shutdown()
-    del llm
-    gc.collect()
-
-
-def generate(llm, prompts, params):
-    return llm.generate([{"prompt_token_ids": p} for p in prompts], params, use_tqdm=False)
 
 
 def counts(llm) -> dict[str, np.ndarray]:
