@@ -3,11 +3,38 @@
 The confidence head gives, for draft slot k of a block, a logit z_k with
 c_k = sigmoid(z_k) = P(slot k survives | slots < k survived). The scheduler
 needs the *cumulative* survival a_k = prod_{j<=k} c_j to be calibrated, not
-just ranked. STS divides each logit by a per-position temperature,
-c_k = sigmoid(z_k / T_k), and fits T_1..T_K left to right on held-out drafting
-rounds: with T_1..T_{k-1} fixed, a 1-D grid search picks the T_k that
-minimises the ECE of prod_{j<=k} sigmoid(z_j / T_j) against the observed
-prefix survival S_k = prod_{j<=k} 1[slot j accepted].
+just ranked. STS maps each logit through a per-position function,
+c_k = sigmoid(g_k(z_k)), and fits g_1..g_K left to right on held-out drafting
+rounds: with g_1..g_{k-1} fixed, g_k is chosen so that
+prod_{j<=k} sigmoid(g_j(z_j)) matches the observed prefix survival
+S_k = prod_{j<=k} 1[slot j accepted]. Position k is fitted given the
+calibrated prefix, so its map also absorbs what the product of the earlier
+calibrated slots gets wrong.
+
+The map of one position (`calibrated_logits`) is
+
+    g_k(z) = softplus(z) / T_k - softplus(-z) / L_k + b_k,
+
+in one of three forms (`fit_sts(form=...)`):
+- "temperature": L_k = T_k, b_k = 0, i.e. g_k(z) = z / T_k, the paper's STS
+  (softplus(z) - softplus(-z) = z);
+- "platt": a temperature and a bias per position (Platt scaling);
+- "asymmetric" (the default): T_k is the temperature of the confident side
+  (z >> 0, where g ~ z / T_k + b_k) and L_k that of the unconfident side
+  (z << 0, where g ~ z / L_k + b_k), joined smoothly around z = 0; this is
+  beta calibration of c = sigmoid(z): g = log(c) / L_k - log(1 - c) / T_k + b_k.
+  On the default pair the raw head is over-confident in the middle and about
+  right at the top, a shape that one temperature, with or without a bias,
+  cannot bend into (held-out ECE: temperature 3.4%, platt 3.0%, asymmetric
+  1.8%, see the default pair's README).
+Every form is increasing in z, so it never changes the ranking of one slot's
+rounds.
+
+The objective is the log-loss (a proper scoring rule) of the cumulative
+survival at position k: unlike ECE it is smooth, needs no binning, and pins
+down the map where predictions are small (late positions).
+`objective="ece"` keeps the paper's 1-D search that minimises the ECE of the
+cumulative survival (temperature form only).
 
 S_k is observed for every k of a round (after the first rejection it is 0), so
 no per-slot masking is needed, except where a round runs past the end of the
@@ -15,23 +42,29 @@ held-out text; `observed` marks those entries.
 
 Outcomes may be soft (in [0, 1]): at sampling temperature > 0 the calibration
 script uses the exact survival probability prod min(1, p/q) instead of one
-random draw. ECE and AUC accept soft outcomes (AUC then counts a sample with
-outcome y as y positive and 1 - y negative).
+random draw. ECE, AUC and the log-loss accept soft outcomes (AUC then counts a
+sample with outcome y as y positive and 1 - y negative).
 
-The fitted temperatures go to a small JSON file (`CalibrationFile`) that the
-plugin loads with `load_calibration` and applies with `apply_temperatures`.
+The fitted maps go to a small JSON file (`CalibrationFile`) that the plugin
+loads with `load_calibration` and applies with `apply_temperatures`.
+Temperature-only files (version 1, the paper's form) stay valid; files with
+`low_temperatures` / `biases` are version 2, so a reader that only knows
+temperatures refuses them instead of silently dropping a part of the map.
+`evaluate_calibration` measures a map on rounds it was not fitted on: the
+`heldout` section of the file, the number to quote.
 """
 
 from __future__ import annotations
 
 import json
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal, Sequence
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 from pydantic import BaseModel, ConfigDict, ValidationError
 
 from .model.config import DSparkConfigError, explain_validation_error
@@ -102,29 +135,44 @@ def reliability_bins(pred, outcome, bins: int = 15) -> ReliabilityBins:
     return ReliabilityBins(np.linspace(0, 1, bins + 1), count, mean_pred, mean_outcome)
 
 
-# -- temperature scaling ------------------------------------------------------
+# -- the calibration map --------------------------------------------------------
 def sigmoid(x: np.ndarray) -> np.ndarray:
     """Overflow-free logistic function."""
     return np.exp(-np.logaddexp(0.0, -x))
 
 
-def cumulative_survival(conf_logits, temperatures=None) -> np.ndarray:
-    """a_k = prod_{j<=k} sigmoid(z_j / T_j) for z [N, K] (T = 1 when None)."""
+def _per_position(values, k: int) -> np.ndarray | None:
+    return None if values is None else np.asarray(values, np.float64)[:k]
+
+
+def calibrated_logits(conf_logits, temperatures=None, low_temperatures=None, biases=None) -> np.ndarray:
+    """g_k(z_k) = softplus(z_k) / T_k - softplus(-z_k) / L_k + b_k for z [..., K].
+
+    T = 1 when None; L = T and b = 0 when None, so (T, None, None) is exactly
+    z / T, the paper's temperature scaling.
+    """
     z = np.asarray(conf_logits, dtype=np.float64)
-    temps = np.ones(z.shape[-1]) if temperatures is None else np.asarray(temperatures, np.float64)
-    return np.cumprod(sigmoid(z / temps[: z.shape[-1]]), axis=-1)
+    k = z.shape[-1]
+    t = np.ones(k) if temperatures is None else _per_position(temperatures, k)
+    low = _per_position(low_temperatures, k)
+    x = z / t if low is None else np.logaddexp(0.0, z) / t - np.logaddexp(0.0, -z) / low
+    return x if biases is None else x + _per_position(biases, k)
 
 
-def _metric(fn, pred, outcome):
-    value = fn(pred, outcome) if len(pred) else float("nan")
-    return None if math.isnan(value) else value
+def cumulative_survival(conf_logits, temperatures=None, low_temperatures=None, biases=None) -> np.ndarray:
+    """a_k = prod_{j<=k} sigmoid(g_j(z_j)) for z [N, K] (the raw head when no map is given)."""
+    return np.cumprod(sigmoid(calibrated_logits(conf_logits, temperatures, low_temperatures, biases)),
+                      axis=-1)
 
 
+# -- fitting one position ---------------------------------------------------------
 DEFAULT_GRID = np.geomspace(0.05, 20.0, 241)
+FORMS = ("temperature", "platt", "asymmetric")
+OBJECTIVES = ("nll", "ece")
 
 
 def fit_position(prefix, z, outcome, bins: int = 15, grid: np.ndarray = DEFAULT_GRID) -> float:
-    """The T minimising ECE(prefix * sigmoid(z / T), outcome), by a 1-D search.
+    """The T minimising ECE(prefix * sigmoid(z / T), outcome), by a 1-D search (the paper's STS).
 
     A log-spaced grid first, then a finer grid between the best point's
     neighbours. Among equally good temperatures the one nearest 1 wins, so a
@@ -141,11 +189,76 @@ def fit_position(prefix, z, outcome, bins: int = 15, grid: np.ndarray = DEFAULT_
     return float(fine[best_of(fine)])
 
 
-@dataclass
-class STSResult:
-    """Fitted temperatures and per-position metrics of the cumulative survival."""
+def survival_log_loss(prefix, x, outcome) -> torch.Tensor:
+    """Mean -[y log a + (1 - y) log(1 - a)] of a = prefix * sigmoid(x) (torch, differentiable in x).
 
-    temperatures: list[float]
+    log(1 - a) is computed as log((1 - prefix) sigmoid(x) + sigmoid(-x)), which
+    stays finite where a is close to 1 (a plain log1p(-a) loses the gradient there).
+    """
+    log_a = torch.log(prefix) + F.logsigmoid(x)
+    log_not_a = torch.logaddexp(torch.log1p(-prefix) + F.logsigmoid(x), F.logsigmoid(-x))
+    return -(outcome * log_a + (1 - outcome) * log_not_a).mean()
+
+
+TEMPERATURE_BOUNDS = (0.01, 1000.0)  # T = 1000: a side of z = 0 that says (almost) nothing
+
+
+def fit_position_nll(prefix, z, outcome, form: str = "asymmetric",
+                     grid: np.ndarray = DEFAULT_GRID) -> tuple[float, float | None, float | None]:
+    """(T, L, b) of g(z) minimising the log-loss of prefix * sigmoid(g(z)) against outcome.
+
+    The temperature alone is searched on a coarse grid over `grid`'s range first
+    (a start on the right side of a flat region matters); the other parameters then join, from L = T and
+    b = 0, in an L-BFGS refinement of all of them. Temperatures are
+    log-parameterised and kept in TEMPERATURE_BOUNDS, so the map stays
+    increasing in z: a slot's ranking never changes. (Left free, the later
+    positions of the default pair want a negative slope below z = 0, i.e.
+    more survival for a less confident head; the bound gives them a flat side.)
+    L is None unless form is "asymmetric", b None for "temperature".
+    """
+    p = torch.as_tensor(np.clip(prefix, 1e-300, 1.0), dtype=torch.float64)
+    zt = torch.as_tensor(z, dtype=torch.float64)
+    y = torch.as_tensor(outcome, dtype=torch.float64)
+    start = np.geomspace(grid[0], grid[-1], 61)  # a start, not the answer: coarse is enough
+    with torch.no_grad():
+        losses = [float(survival_log_loss(p, zt / t, y)) for t in start]
+    lo, hi = (math.log(b) for b in TEMPERATURE_BOUNDS)
+    log_t = torch.tensor(math.log(start[int(np.argmin(losses))]), dtype=torch.float64, requires_grad=True)
+    log_low = log_t.detach().clone().requires_grad_(form == "asymmetric")
+    bias = torch.zeros((), dtype=torch.float64, requires_grad=form != "temperature")
+    opt = torch.optim.LBFGS([v for v in (log_t, log_low, bias) if v.requires_grad], lr=1.0, max_iter=200,
+                            tolerance_grad=1e-9, tolerance_change=1e-12, line_search_fn="strong_wolfe")
+
+    def temperatures():
+        return log_t.clamp(lo, hi).exp(), log_low.clamp(lo, hi).exp()
+
+    def closure():
+        opt.zero_grad()
+        t, low = temperatures()
+        loss = survival_log_loss(p, F.softplus(zt) / t - F.softplus(-zt) / low + bias, y)
+        loss.backward()
+        return loss
+
+    opt.step(closure)
+    t, low = (float(v.detach()) for v in temperatures())
+    return t, (low if form == "asymmetric" else None), (float(bias.detach()) if form != "temperature" else None)
+
+
+# -- STS: the sequential fit, and its evaluation --------------------------------------
+def _metric(fn, pred, outcome):
+    value = fn(pred, outcome) if len(pred) else float("nan")
+    return None if math.isnan(value) else value
+
+
+def _mean(values) -> float | None:
+    values = [v for v in values if v is not None]
+    return sum(values) / len(values) if values else None
+
+
+@dataclass
+class CalibrationMetrics:
+    """ECE and AUC of the cumulative survival per position, raw head vs calibrated map."""
+
     ece_before: list[float | None]
     ece_after: list[float | None]
     auc_before: list[float | None]
@@ -153,103 +266,249 @@ class STSResult:
     num_samples: list[int]  # observed rounds per position
 
     def summary(self) -> str:
-        def mean(xs):
-            xs = [x for x in xs if x is not None]
-            return sum(xs) / len(xs) if xs else float("nan")
+        def f(x):
+            return "nan" if x is None else f"{x:.4f}"
 
-        return (f"ECE {mean(self.ece_before):.4f} -> {mean(self.ece_after):.4f}, "
-                f"AUC {mean(self.auc_before):.4f} -> {mean(self.auc_after):.4f} "
-                f"(means over {len(self.temperatures)} positions)")
+        return (f"ECE {f(_mean(self.ece_before))} -> {f(_mean(self.ece_after))}, "
+                f"AUC {f(_mean(self.auc_before))} -> {f(_mean(self.auc_after))} "
+                f"(means over {len(self.ece_before)} positions)")
 
 
-def fit_sts(conf_logits, survival, observed=None, bins: int = 15,
-            grid: np.ndarray = DEFAULT_GRID) -> STSResult:
-    """Sequential Temperature Scaling.
-
-    conf_logits: [N, K] the head's logits z_k of N drafting rounds.
-    survival:    [N, K] observed prefix survival S_k (0/1, or soft in [0, 1]).
-    observed:    [N, K] bool, False where S_k is unknown (round ran past the text).
-    """
+def evaluate_calibration(conf_logits, survival, observed=None, temperatures=None, low_temperatures=None,
+                         biases=None, bins: int = 15) -> CalibrationMetrics:
+    """Metrics of a map on rounds [N, K] (fitted on them, or held out: the honest number)."""
     z = np.asarray(conf_logits, dtype=np.float64)
     s = np.asarray(survival, dtype=np.float64)
     if z.ndim != 2 or z.shape != s.shape:
         raise ValueError(f"conf_logits {z.shape} and survival {s.shape} must both be [N, K]")
     obs = np.ones(z.shape, bool) if observed is None else np.asarray(observed, bool)
-    raw = cumulative_survival(z)
-    temps: list[float] = []
-    result = STSResult(temps, [], [], [], [], [])
-    prefix = np.ones(z.shape[0])  # prod_{j<k} sigmoid(z_j / T_j), calibrated
+    raw, cal = cumulative_survival(z), cumulative_survival(z, temperatures, low_temperatures, biases)
+    m = CalibrationMetrics([], [], [], [], [])
     for k in range(z.shape[1]):
         rows = obs[:, k]
-        temps.append(fit_position(prefix[rows], z[rows, k], s[rows, k], bins, grid)
-                     if rows.any() else 1.0)
-        prefix = prefix * sigmoid(z[:, k] / temps[k])
-        result.num_samples.append(int(rows.sum()))
-        result.ece_before.append(_metric(lambda p, y: ece(p, y, bins), raw[rows, k], s[rows, k]))
-        result.ece_after.append(_metric(lambda p, y: ece(p, y, bins), prefix[rows], s[rows, k]))
-        result.auc_before.append(_metric(auc, raw[rows, k], s[rows, k]))
-        result.auc_after.append(_metric(auc, prefix[rows], s[rows, k]))
-    return result
+        m.num_samples.append(int(rows.sum()))
+        m.ece_before.append(_metric(lambda p, y: ece(p, y, bins), raw[rows, k], s[rows, k]))
+        m.ece_after.append(_metric(lambda p, y: ece(p, y, bins), cal[rows, k], s[rows, k]))
+        m.auc_before.append(_metric(auc, raw[rows, k], s[rows, k]))
+        m.auc_after.append(_metric(auc, cal[rows, k], s[rows, k]))
+    return m
 
 
-def apply_temperatures(conf_logits: torch.Tensor, temperatures) -> torch.Tensor:
-    """Calibrated per-slot confidences c_k = sigmoid(z_k / T_k) of logits [..., K'].
+@dataclass
+class STSResult(CalibrationMetrics):
+    """Fitted maps and the metrics on the rounds they were fitted on."""
 
-    K' may be smaller than the calibrated block size (the first K' temperatures
-    are used). Multiply along the last dim (cumprod) for the survival a_k.
+    temperatures: list[float] = field(default_factory=list)
+    low_temperatures: list[float] | None = None  # form "asymmetric"
+    biases: list[float] | None = None  # forms "platt" and "asymmetric"
+    method: str = "temperature/ece"
+
+    @property
+    def maps(self) -> dict:
+        """temperatures, low_temperatures, biases: the keyword arguments of the map functions."""
+        return dict(temperatures=self.temperatures, low_temperatures=self.low_temperatures,
+                    biases=self.biases)
+
+
+def fit_sts(conf_logits, survival, observed=None, bins: int = 15, grid: np.ndarray = DEFAULT_GRID,
+            form: str = "asymmetric", objective: str = "nll") -> STSResult:
+    """Sequential Temperature Scaling: g_1..g_K left to right, each given the calibrated prefix.
+
+    conf_logits: [N, K] the head's logits z_k of N drafting rounds.
+    survival:    [N, K] observed prefix survival S_k (0/1, or soft in [0, 1]).
+    observed:    [N, K] bool, False where S_k is unknown (round ran past the text).
+    form:        "temperature" (the paper), "platt" or "asymmetric" (see the module doc).
+    objective:   "nll" (log-loss of the cumulative survival) or "ece" (the paper's
+                 search; "temperature" form only).
+    """
+    if form not in FORMS or objective not in OBJECTIVES:
+        raise ValueError(f"form must be one of {FORMS} and objective one of {OBJECTIVES}, "
+                         f"got {form!r}, {objective!r}")
+    if objective == "ece" and form != "temperature":
+        raise ValueError("objective 'ece' fits temperatures only; use objective 'nll' for "
+                         f"form {form!r}")
+    z = np.asarray(conf_logits, dtype=np.float64)
+    s = np.asarray(survival, dtype=np.float64)
+    if z.ndim != 2 or z.shape != s.shape:
+        raise ValueError(f"conf_logits {z.shape} and survival {s.shape} must both be [N, K]")
+    obs = np.ones(z.shape, bool) if observed is None else np.asarray(observed, bool)
+    temps, lows, biases = [], [], []
+    prefix = np.ones(z.shape[0])  # prod_{j<k} sigmoid(g_j(z_j)), calibrated
+    for k in range(z.shape[1]):
+        rows = obs[:, k]
+        if not rows.any():
+            t, low, b = 1.0, None, None
+        elif objective == "ece":
+            t, low, b = fit_position(prefix[rows], z[rows, k], s[rows, k], bins, grid), None, None
+        else:
+            t, low, b = fit_position_nll(prefix[rows], z[rows, k], s[rows, k], form, grid)
+        temps.append(t)
+        lows.append(t if low is None else low)
+        biases.append(0.0 if b is None else b)
+        prefix = prefix * sigmoid(calibrated_logits(z[:, k:k + 1], [t], [lows[-1]], [biases[-1]])[:, 0])
+    maps = dict(temperatures=temps, low_temperatures=lows if form == "asymmetric" else None,
+                biases=biases if form != "temperature" else None)
+    metrics = evaluate_calibration(z, s, obs, bins=bins, **maps)
+    return STSResult(**vars(metrics), **maps, method=f"{form}/{objective}")
+
+
+def scaled_maps(maps: dict | None, scale, num_positions: int) -> dict:
+    """The map g_k(z) / tau_k of the first `num_positions` positions, as map arguments.
+
+    Online refinement (refinement.py) fits a temperature tau_k on top of the offline
+    map; dividing g_k = softplus(z) / T_k - softplus(-z) / L_k + b_k by tau_k stays
+    in the family: (T_k tau_k, L_k tau_k, b_k / tau_k). Without an offline map,
+    g_k(z) = z and the result is plain temperature scaling by tau.
+    """
+    tau = np.asarray(scale, dtype=np.float64)[:num_positions]
+    if maps is None:
+        return dict(temperatures=tau.tolist(), low_temperatures=None, biases=None)
+
+    def part(name, op):
+        values = maps.get(name)
+        return None if values is None else op(np.asarray(values, np.float64)[:num_positions]).tolist()
+
+    return dict(temperatures=part("temperatures", lambda t: t * tau),
+                low_temperatures=part("low_temperatures", lambda t: t * tau),
+                biases=part("biases", lambda b: b / tau))
+
+
+def apply_temperatures(conf_logits: torch.Tensor, temperatures, low_temperatures=None,
+                       biases=None) -> torch.Tensor:
+    """Calibrated per-slot confidences c_k = sigmoid(g_k(z_k)) of logits [..., K'].
+
+    With temperatures alone this is sigmoid(z_k / T_k) (a version-1 file);
+    `low_temperatures` and `biases` (a version-2 file) complete the map of
+    `calibrated_logits`. K' may be smaller than the calibrated block size (the
+    first K' entries are used). Multiply along the last dim (cumprod) for the
+    survival a_k.
     """
     k = conf_logits.shape[-1]
-    temps = torch.as_tensor(temperatures, dtype=conf_logits.dtype, device=conf_logits.device)
-    if k > temps.shape[0]:
-        raise DSparkConfigError(
-            f"calibration 'temperatures' has {temps.shape[0]} entries but {k} draft slots "
-            f"need temperatures; {RECALIBRATE} for this draft checkpoint.")
-    return torch.sigmoid(conf_logits / temps[:k])
+
+    def per_position(values, name):
+        t = torch.as_tensor(values, dtype=conf_logits.dtype, device=conf_logits.device)
+        if k > t.shape[0]:
+            raise DSparkConfigError(
+                f"calibration {name!r} has {t.shape[0]} entries but {k} draft slots "
+                f"need them; {RECALIBRATE} for this draft checkpoint.")
+        return t[:k]
+
+    temps = per_position(temperatures, "temperatures")
+    if low_temperatures is None:
+        x = conf_logits / temps
+    else:
+        low = per_position(low_temperatures, "low_temperatures")
+        x = F.softplus(conf_logits) / temps - F.softplus(-conf_logits) / low
+    if biases is not None:
+        x = x + per_position(biases, "biases")
+    return torch.sigmoid(x)
 
 
 # -- the calibration file -----------------------------------------------------
-class CalibrationFile(BaseModel):
-    """`calibration.json`, written by scripts/calibrate.py."""
+class HeldoutReport(BaseModel):
+    """Metrics of the fitted map on prompts it was not fitted on (`calibrate.py --eval-prompts`).
+
+    The in-sample numbers at the top level of the file flatter the fit; these
+    are the ones to quote.
+    """
 
     model_config = ConfigDict(extra="ignore")
 
-    version: Literal[1] = 1
+    prompts: str | None = None
+    num_prompts: int | None = None
+    num_rounds: int
+    bins: int = 15
+    ece_before: list[float | None]
+    ece_after: list[float | None]
+    auc_before: list[float | None]
+    auc_after: list[float | None]
+    num_samples: list[int]
+    mean_ece_before: float | None = None
+    mean_ece_after: float | None = None
+    mean_auc_before: float | None = None
+    mean_auc_after: float | None = None
+
+
+def heldout_report(metrics: CalibrationMetrics, num_rounds: int, bins: int, **meta) -> HeldoutReport:
+    """The `heldout` section of a calibration file; meta: prompts, num_prompts."""
+    return HeldoutReport(
+        num_rounds=num_rounds, bins=bins, ece_before=metrics.ece_before, ece_after=metrics.ece_after,
+        auc_before=metrics.auc_before, auc_after=metrics.auc_after, num_samples=metrics.num_samples,
+        mean_ece_before=_mean(metrics.ece_before), mean_ece_after=_mean(metrics.ece_after),
+        mean_auc_before=_mean(metrics.auc_before), mean_auc_after=_mean(metrics.auc_after), **meta)
+
+
+class CalibrationFile(BaseModel):
+    """`calibration.json`, written by scripts/calibrate.py.
+
+    version 1: `temperatures` only (c_k = sigmoid(z_k / T_k)); version 2 adds
+    `low_temperatures` and/or `biases` (see `calibrated_logits`). The metrics at
+    the top level are measured on the fitting rounds, `heldout` on others.
+    """
+
+    model_config = ConfigDict(extra="ignore")
+
+    version: Literal[1, 2] = 1
     block_size: int
     temperatures: list[float]
+    low_temperatures: list[float] | None = None
+    biases: list[float] | None = None
+    method: str | None = None  # form/objective of fit_sts, e.g. "asymmetric/nll"
     ece_before: list[float | None] | None = None
     ece_after: list[float | None] | None = None
     auc_before: list[float | None] | None = None
     auc_after: list[float | None] | None = None
     num_samples: list[int] | None = None
     num_rounds: int | None = None
+    num_prompts: int | None = None
+    prompts: str | None = None
+    bins: int | None = None
     draft_model: str | None = None
     target_model: str | None = None
     temperature_sampling: float | None = None
+    heldout: HeldoutReport | None = None
+
+    @property
+    def maps(self) -> dict:
+        """temperatures, low_temperatures, biases: the keyword arguments of
+        `apply_temperatures`, `calibrated_logits` and `cumulative_survival`."""
+        return dict(temperatures=self.temperatures, low_temperatures=self.low_temperatures,
+                    biases=self.biases)
 
     def check(self, source: str) -> "CalibrationFile":
         if self.block_size < 1:
             raise DSparkConfigError(
                 f"{source}: 'block_size' must be >= 1, got {self.block_size}; {RECALIBRATE}.")
-        if len(self.temperatures) != self.block_size:
+        for name in ("temperatures", "low_temperatures", "biases"):
+            values = getattr(self, name)
+            if values is None:
+                continue
+            if len(values) != self.block_size:
+                raise DSparkConfigError(
+                    f"{source}: {name!r} has {len(values)} entries but 'block_size' is "
+                    f"{self.block_size}: one per draft position is needed; {RECALIBRATE}.")
+            positive = name != "biases"
+            bad = [v for v in values if not (math.isfinite(v) and (v > 0 or not positive))]
+            if bad:
+                raise DSparkConfigError(
+                    f"{source}: {name!r} must be finite{' and > 0' if positive else ''}, got {bad}; "
+                    f"{RECALIBRATE} (or set the temperatures to 1.0 to use the raw confidences).")
+        if self.version == 1 and (self.low_temperatures is not None or self.biases is not None):
             raise DSparkConfigError(
-                f"{source}: 'temperatures' has {len(self.temperatures)} entries but "
-                f"'block_size' is {self.block_size}: one temperature per draft position is "
-                f"needed; {RECALIBRATE}.")
-        bad = [t for t in self.temperatures if not (math.isfinite(t) and t > 0)]
-        if bad:
-            raise DSparkConfigError(
-                f"{source}: 'temperatures' must be finite and > 0, got {bad}; {RECALIBRATE} "
-                f"(or set them to 1.0 to use the raw confidences).")
+                f"{source}: 'low_temperatures' and 'biases' need 'version': 2 (a version-1 reader "
+                f"would apply the temperatures alone); {RECALIBRATE}.")
         return self
 
 
-def calibration_from_fit(result: STSResult, **meta) -> CalibrationFile:
-    """A CalibrationFile of an STS fit; meta: num_rounds, draft_model, target_model, ..."""
+def calibration_from_fit(result: STSResult, heldout: HeldoutReport | None = None,
+                         **meta) -> CalibrationFile:
+    """A CalibrationFile of an STS fit; meta: num_rounds, num_prompts, prompts, bins, draft_model, ..."""
+    extended = result.low_temperatures is not None or result.biases is not None
     return CalibrationFile(
-        block_size=len(result.temperatures), temperatures=result.temperatures,
+        version=2 if extended else 1, block_size=len(result.temperatures), method=result.method,
         ece_before=result.ece_before, ece_after=result.ece_after,
         auc_before=result.auc_before, auc_after=result.auc_after,
-        num_samples=result.num_samples, **meta,
+        num_samples=result.num_samples, heldout=heldout, **result.maps, **meta,
     ).check("calibration")
 
 

@@ -11,9 +11,10 @@ import numpy as np
 import pytest
 import torch
 
-from dspark_vllm.calibration import (apply_temperatures, auc, calibration_from_fit,
-                                     cumulative_survival, ece, fit_sts, load_calibration,
-                                     reliability_bins, save_calibration, sigmoid)
+from dspark_vllm.calibration import (apply_temperatures, auc, calibrated_logits, calibration_from_fit,
+                                     cumulative_survival, ece, evaluate_calibration, fit_sts,
+                                     heldout_report, load_calibration, reliability_bins,
+                                     save_calibration, scaled_maps, sigmoid)
 from dspark_vllm.model.config import DSparkConfigError
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -60,12 +61,16 @@ def test_reliability_bins():
 
 
 # -- STS -------------------------------------------------------------------------
-def synthetic_rounds(n=20_000, seed=0):
-    """True conditional survival p_k; the head reports logit(p_k) * T_k (miscalibrated)."""
+def synthetic_rounds(n=20_000, seed=0, shift=0.0):
+    """True conditional survival p_k; the head reports logit(p_k) * T_k (miscalibrated).
+
+    shift moves the true acceptance logit away from what the head sees (another
+    domain: the same confidences, drafts accepted less often when shift < 0).
+    """
     rng = np.random.default_rng(seed)
     true_t = np.array([0.5, 0.7, 1.5, 0.6, 2.0, 0.8, 1.2])
     logit_p = np.linspace(2.5, 1.0, 7) + rng.normal(0, 1.5, (n, 7))
-    accepted = rng.random((n, 7)) < sigmoid(logit_p)
+    accepted = rng.random((n, 7)) < sigmoid(logit_p + shift)
     return logit_p * true_t, np.cumprod(accepted, axis=1).astype(float), true_t
 
 
@@ -80,9 +85,10 @@ def test_sts_recovers_known_miscalibration():
     assert r.auc_after[0] == pytest.approx(r.auc_before[0], abs=1e-12)
     np.testing.assert_allclose(r.auc_after, r.auc_before, atol=0.01)
     # Per slot (given the prefix survived), temperature scaling never changes the ranking.
+    c_all = sigmoid(calibrated_logits(z, **r.maps))
     for k in range(1, 7):
         rows = survival[:, k - 1] == 1
-        c = sigmoid(z[rows, k] / r.temperatures[k])
+        c = c_all[rows, k]
         assert auc(c, survival[rows, k]) == pytest.approx(auc(z[rows, k], survival[rows, k]), abs=1e-12)
     assert r.num_samples == [len(z)] * 7
 
@@ -99,6 +105,64 @@ def test_sts_ignores_unobserved_entries_and_leaves_calibrated_logits_alone():
     assert fit_sts(z, survival).ece_before[4] > 0.1  # the garbage would have counted
 
 
+def test_held_out_evaluation_recovers_the_miscalibration_and_shows_a_shift():
+    """Fitted on one set, measured on another: small ECE when both come from the same
+    miscalibration, clearly larger when the evaluation set is shifted."""
+    z, survival, _ = synthetic_rounds(seed=0)
+    fit = fit_sts(z, survival)
+    z_same, s_same, _ = synthetic_rounds(seed=1)
+    same = evaluate_calibration(z_same, s_same, **fit.maps)
+    assert max(same.ece_after) < 0.02 and np.mean(same.ece_before) > 5 * np.mean(same.ece_after)
+    z_shift, s_shift, _ = synthetic_rounds(seed=2, shift=-1.0)
+    shifted = evaluate_calibration(z_shift, s_shift, **fit.maps)
+    assert np.mean(shifted.ece_after) > 3 * np.mean(same.ece_after)
+    assert min(shifted.ece_after) > 0.03
+    # The held-out section of the file carries these numbers and their means.
+    report = heldout_report(same, num_rounds=len(z_same), bins=15, prompts="p.jsonl", num_prompts=9)
+    assert report.mean_ece_after == pytest.approx(np.mean(same.ece_after))
+    assert report.num_samples == [len(z_same)] * 7 and report.num_prompts == 9
+
+
+def asymmetric_rounds(n=40_000, seed=0):
+    """A head under-confident above z = 0 (T = 0.5) and over-confident below it
+    (L = 2), with an offset: one temperature, even with a bias, cannot undo
+    that; the asymmetric map can."""
+    rng = np.random.default_rng(seed)
+    z = 1.0 + rng.normal(0, 2.5, (n, 4))
+    true = calibrated_logits(z, [0.5] * 4, [2.0] * 4, [-0.5] * 4)  # true acceptance logits
+    accepted = rng.random(true.shape) < sigmoid(true)
+    return z, np.cumprod(accepted, axis=1).astype(float)
+
+
+@pytest.mark.parametrize("form, objective", [("temperature", "ece"), ("temperature", "nll"), ("platt", "nll")])
+def test_asymmetric_map_fits_what_one_temperature_cannot(form, objective):
+    z, survival = asymmetric_rounds(seed=0)
+    z_eval, s_eval = asymmetric_rounds(seed=1)
+    fit = fit_sts(z, survival)
+    rich = evaluate_calibration(z_eval, s_eval, **fit.maps)
+    simple = evaluate_calibration(z_eval, s_eval, **fit_sts(z, survival, form=form, objective=objective).maps)
+    assert max(rich.ece_after) < 0.015
+    np.testing.assert_allclose(fit.temperatures[0], 0.5, rtol=0.1)  # position 1: the map itself
+    np.testing.assert_allclose(fit.low_temperatures[0], 2.0, rtol=0.1)
+    np.testing.assert_allclose(fit.biases[0], -0.5, atol=0.1)
+    assert np.mean(simple.ece_after) > 2 * np.mean(rich.ece_after)
+
+
+def test_forms_reduce_to_temperature_scaling_and_leave_calibrated_logits_alone():
+    z, survival, true_t = synthetic_rounds(n=20_000, seed=4)
+    calibrated = z / true_t
+    for form in ("temperature", "platt", "asymmetric"):
+        r = fit_sts(calibrated, survival, form=form)
+        # (T, L, b) trade off against each other where the data are thin; the map is what counts.
+        moved = np.abs(sigmoid(calibrated_logits(calibrated, **r.maps)) - sigmoid(calibrated))
+        assert moved.mean() < 0.01 and moved.max() < 0.1
+        assert r.method == f"{form}/nll" and max(r.ece_after) < 0.02
+    # softplus(z) / T - softplus(-z) / T == z / T: the two-temperature map at L = T.
+    np.testing.assert_allclose(calibrated_logits(z, true_t, true_t), z / true_t, atol=1e-9)
+    with pytest.raises(ValueError, match="temperatures only"):
+        fit_sts(z, survival, form="platt", objective="ece")
+
+
 def test_apply_temperatures_matches_sigmoid_and_takes_fewer_slots():
     z = torch.randn(3, 4)
     temps = [0.5, 2.0, 1.0, 4.0, 3.0]
@@ -107,6 +171,32 @@ def test_apply_temperatures_matches_sigmoid_and_takes_fewer_slots():
     np.testing.assert_allclose(out.cumprod(-1).numpy(), cumulative_survival(z.numpy(), temps), rtol=1e-5)
     with pytest.raises(DSparkConfigError, match="temperatures"):
         apply_temperatures(torch.zeros(2, 6), temps)
+
+
+def test_apply_temperatures_with_biases_and_low_temperatures_matches_numpy():
+    z = torch.randn(5, 3) * 4
+    maps = dict(temperatures=[0.5, 2.0, 1.0, 3.0], low_temperatures=[1.5, 0.7, 1.0, 2.0],
+                biases=[0.3, -0.2, 0.0, 1.0])
+    out = apply_temperatures(z, **maps)
+    np.testing.assert_allclose(out.cumprod(-1).numpy(), cumulative_survival(z.numpy(), **maps), rtol=1e-5)
+    plain = apply_temperatures(z, maps["temperatures"])  # a version-1 file: z / T alone
+    torch.testing.assert_close(plain, torch.sigmoid(z / torch.tensor(maps["temperatures"][:3])))
+    with pytest.raises(DSparkConfigError, match="'biases' has 2 entries"):
+        apply_temperatures(z, maps["temperatures"], biases=[0.0, 0.0])
+
+
+def test_scaled_maps_divide_the_calibrated_logit_and_stay_in_the_family():
+    """Online refinement's temperature tau on top of an offline map: g(z) / tau, written as a map."""
+    z = np.random.default_rng(0).normal(0, 3, (50, 3))
+    maps = dict(temperatures=[0.5, 2.0, 1.0, 9.0], low_temperatures=[1.5, 0.7, 1.0, 9.0], biases=[0.3, -0.2, 0.0, 9.0])
+    tau = np.array([1.25, 0.8, 1.0])
+    scaled = scaled_maps(maps, tau, 3)
+    np.testing.assert_allclose(calibrated_logits(z, **scaled), calibrated_logits(z, **maps) / tau)
+    assert len(scaled["biases"]) == 3
+    v1 = scaled_maps(dict(temperatures=[0.5, 2.0, 1.0], low_temperatures=None, biases=None), tau, 3)
+    assert v1["low_temperatures"] is None and v1["biases"] is None
+    np.testing.assert_allclose(v1["temperatures"], [0.625, 1.6, 1.0])
+    assert scaled_maps(None, tau, 2) == dict(temperatures=[1.25, 0.8], low_temperatures=None, biases=None)
 
 
 # -- the calibration file ------------------------------------------------------
@@ -118,13 +208,37 @@ def write(tmp_path, payload):
 
 def test_calibration_file_roundtrip(tmp_path):
     z, survival, _ = synthetic_rounds(n=2000)
-    cal = calibration_from_fit(fit_sts(z, survival), num_rounds=2000, draft_model="d",
+    fit = fit_sts(z, survival)
+    z_eval, s_eval, _ = synthetic_rounds(n=2000, seed=1)
+    held = heldout_report(evaluate_calibration(z_eval, s_eval, **fit.maps), num_rounds=2000, bins=15,
+                          prompts="heldout.jsonl", num_prompts=16)
+    cal = calibration_from_fit(fit, heldout=held, num_rounds=2000, num_prompts=32, draft_model="d",
                                target_model="t", temperature_sampling=0.0)
     save_calibration(cal, tmp_path / "c.json")
     loaded = load_calibration(tmp_path / "c.json", block_size=7)
     assert loaded == cal and loaded.block_size == 7 and len(loaded.temperatures) == 7
+    assert loaded.version == 2 and len(loaded.biases) == len(loaded.low_temperatures) == 7
+    assert loaded.heldout.num_prompts == 16 and loaded.heldout.mean_ece_after < 0.03
+    assert loaded.method == "asymmetric/nll"
+    # The map the file describes is the one that was fitted.
+    np.testing.assert_allclose(cumulative_survival(z, **loaded.maps), cumulative_survival(z, **fit.maps))
     minimal = load_calibration(write(tmp_path, {"block_size": 2, "temperatures": [1, 0.5]}))
-    assert minimal.version == 1 and minimal.ece_after is None
+    assert minimal.version == 1 and minimal.ece_after is None and minimal.heldout is None
+    assert minimal.maps == {"temperatures": [1, 0.5], "low_temperatures": None, "biases": None}
+
+
+def test_version_1_files_still_load(tmp_path):
+    """A file written before held-out metrics and biases existed (the old default pair's)."""
+    old = {"version": 1, "block_size": 3, "temperatures": [0.68, 0.79, 0.70],
+           "ece_before": [0.05, 0.08, 0.08], "ece_after": [0.02, 0.04, 0.05],
+           "auc_before": [0.83, 0.83, 0.84], "auc_after": [0.83, 0.83, 0.84],
+           "num_samples": [8068, 8014, 8022], "num_rounds": 8068, "draft_model": "d",
+           "target_model": "t", "temperature_sampling": 0.0}
+    cal = load_calibration(write(tmp_path, old), block_size=3)
+    assert cal.temperatures == [0.68, 0.79, 0.70] and cal.low_temperatures is None and cal.biases is None
+    z = torch.randn(4, 3)
+    torch.testing.assert_close(apply_temperatures(z, **cal.maps),
+                               torch.sigmoid(z / torch.tensor(old["temperatures"])))
 
 
 @pytest.mark.parametrize("payload, block_size, match", [
@@ -135,7 +249,22 @@ def test_calibration_file_roundtrip(tmp_path):
     ({"block_size": 2, "temperatures": [1.0, "NaN"]}, None, "'temperatures' must be finite"),
     ({"block_size": 2, "temperatures": [1.0, "x"]}, None, "temperatures[1] must be a number (got 'x')"),
     ({"block_size": 3, "temperatures": [1.0, 1.0]}, None, "'temperatures' has 2 entries but 'block_size' is 3"),
-    ({"version": 2, "block_size": 1, "temperatures": [1.0]}, None, "version must be 1 (got 2)"),
+    ({"version": 3, "block_size": 1, "temperatures": [1.0]}, None, "version must be 1 or 2 (got 3)"),
+    ({"version": 2, "block_size": 2, "temperatures": [1.0, 1.0], "biases": [0.1, 0.2, 0.3]}, None,
+     "'biases' has 3 entries but 'block_size' is 2"),
+    ({"version": 2, "block_size": 2, "temperatures": [1.0, 1.0], "low_temperatures": [1.0, 0.0]}, None,
+     "'low_temperatures' must be finite and > 0, got [0.0]"),
+    ({"version": 2, "block_size": 1, "temperatures": [1.0], "biases": ["x"]}, None,
+     "biases[0] must be a number (got 'x')"),
+    ({"block_size": 1, "temperatures": [1.0], "biases": [0.5]}, None,
+     "'low_temperatures' and 'biases' need 'version': 2"),
+    ({"block_size": 1, "temperatures": [1.0], "heldout": {"num_rounds": 10, "ece_before": [0.1],
+      "ece_after": ["x"], "auc_before": [0.8], "auc_after": [0.8], "num_samples": [10]}}, None,
+     "heldout.ece_after[0] must be a number (got 'x')"),
+    ({"block_size": 1, "temperatures": [1.0], "heldout": {"ece_before": [0.1], "ece_after": [0.1],
+      "auc_before": [0.8], "auc_after": [0.8], "num_samples": [10]}}, None,
+     "heldout.num_rounds is missing"),
+    ({"block_size": 1, "temperatures": [1.0], "heldout": [0.1]}, None, "heldout must be a JSON object"),
     ({"block_size": 5, "temperatures": [1.0] * 5}, 7,
      "is for block_size 5 but the draft checkpoint has block_size 7; recalibrate with scripts/calibrate.py"),
 ])
@@ -204,20 +333,43 @@ def test_sampled_survival_reads_the_target_on_the_drafted_prefix(fixture_paths):
     assert observed.all()
 
 
+def write_prompts(path, turns):
+    path.write_text("".join(json.dumps({"turns": [t]}) + "\n" for t in turns))
+    return path
+
+
 def test_calibrate_script_end_to_end(fixture_paths, tmp_path):
-    prompts = tmp_path / "prompts.jsonl"
-    prompts.write_text("".join(json.dumps({"turns": [t]}) + "\n" for t in
-                               ["def fib(n):\n", "import os\n\nclass ", "for i in range("]))
+    prompts = write_prompts(tmp_path / "prompts.jsonl", ["def fib(n):\n", "import os\n\nclass ", "for i in range("])
+    held = write_prompts(tmp_path / "held.jsonl", ["while True:\n", "x = [", "print("])
     out, plot = tmp_path / "calibration.json", tmp_path / "reliability.png"
     proc = subprocess.run(
         [sys.executable, str(SCRIPT), "--target", fixture_paths["target"], "--draft",
-         fixture_paths["dspark"], "--prompts", str(prompts), "--raw", "--max-tokens", "12",
+         fixture_paths["dspark"], "--prompts", str(prompts), "--eval-prompts", str(held),
+         "--eval-max-prompts", "2", "--raw", "--max-tokens", "12",
          "--out", str(out), "--plot", str(plot), "--device", "cpu"],
         capture_output=True, text=True, timeout=300, cwd=ROOT,
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
-    assert "ECE" in proc.stdout and "AUC" in proc.stdout
+    assert "ECE" in proc.stdout and "AUC" in proc.stdout and "held out" in proc.stdout
     cal = load_calibration(out, block_size=7)
-    assert cal.num_rounds > 0 and cal.temperature_sampling == 0.0
-    assert cal.draft_model == fixture_paths["dspark"]
+    assert cal.num_rounds > 0 and cal.temperature_sampling == 0.0 and cal.num_prompts == 3
+    assert cal.draft_model == fixture_paths["dspark"] and cal.method == "asymmetric/nll"
+    assert cal.heldout.num_prompts == 2 and cal.heldout.num_rounds > 0
+    assert cal.heldout.prompts == str(held) and len(cal.heldout.ece_after) == 7
     assert plot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_calibrate_script_refuses_evaluation_prompts_it_fits_on(tmp_path):
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("calibrate_script", SCRIPT)
+    script = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(script)
+    fit = write_prompts(tmp_path / "fit.jsonl", ["a = 1\n", "b = 2\n"])
+    held = write_prompts(tmp_path / "held.jsonl", ["c = 3\n", "a = 1\n"])
+    args = script.parse_args(["--target", "t", "--draft", "d", "--prompts", str(fit), "--eval-prompts",
+                              str(held), "--out", "o.json"])
+    with pytest.raises(SystemExit, match="1 of the --eval-prompts are also --prompts"):
+        script.load_prompt_sets(args)
+    args.eval_max_prompts = 1  # only "c = 3": disjoint
+    assert script.load_prompt_sets(args) == (["a = 1\n", "b = 2\n"], ["c = 3\n"])
