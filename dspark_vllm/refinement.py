@@ -4,13 +4,16 @@ An offline calibration (scripts/calibrate.py) describes the prompts it was
 fitted on; served traffic drifts from them (a code drafter serving prose), and a
 stale calibration makes `sync` verify too much or too little. While serving,
 every verified round tells us, per draft position, whether the slot survived.
-`OnlineCalibration` keeps the last `window` rounds (raw confidence logits,
+`OnlineCalibration` keeps the last `window` rounds (confidence logits,
 outcomes) and every `every` rounds re-fits the per-position temperatures,
 sequentially like STS (slot k on the rounds whose earlier slots survived), by
 log-likelihood (a proper scoring rule: unlike ECE it pins down the temperature
 of late slots, whose cumulative survival is small), starting from the current
 ones and moving each by at most a factor (1 + max_change). It reports the ECE
-of the cumulative survival on the window (`live_ece`).
+of the cumulative survival on the window (`live_ece`). The engine feeds it the
+offline map's calibrated logits g_k(z) (the raw ones without a calibration
+file) and starts it at 1, so the map in use is g_k(z) / tau_k
+(`calibration.scaled_maps`); for a temperature-only file that is z / (T_k tau_k).
 
 Why the output stays exact: a new temperature is computed from rounds that were
 already verified and takes effect only when the next drafting round starts

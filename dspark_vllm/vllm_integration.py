@@ -29,7 +29,7 @@ import torch
 from vllm.logger import init_logger
 
 from . import sps as sps_profile
-from .calibration import apply_temperatures, load_calibration
+from .calibration import apply_temperatures, calibrated_logits, load_calibration, scaled_maps
 from .config import DSparkOptions, PROPOSER_PATH, options_from_additional_config
 from .guard import BreakEvenGuard
 from .metrics import DSparkPrometheus, EngineStats, StatsReport
@@ -379,17 +379,18 @@ class DSparkProposer:
         self.num_target_layers = target.num_hidden_layers
         self.policy = make_policy(self.options.verification, self.options.model_dump(),
                                   confidence_head=self.draft_config.enable_confidence_head)
-        self.temperatures = None  # per-position STS temperatures, if calibrated
+        # The calibration map of the confidences (calibration.calibrated_logits): the offline
+        # file's, times the online refinement's per-position temperature when refining.
+        self.offline_maps = None
         if self.options.calibration:
-            self.temperatures = load_calibration(self.options.calibration,
-                                                 self.draft_config.block_size).temperatures
-        self._temperatures_t = None  # the temperatures on the drafter's device (uploaded once)
+            self.offline_maps = load_calibration(self.options.calibration, self.draft_config.block_size).maps
+        self.maps = self.offline_maps  # in use; None: the raw head
+        self._maps_t = None  # the map in use on the drafter's device (uploaded once per change)
         self.online = None  # online STS refinement, if asked for
         if self.options.refinement is not None:
-            start = np.ones(self.num_tokens) if self.temperatures is None else self.temperatures[: self.num_tokens]
             r = self.options.refinement
-            self.online = OnlineCalibration(np.asarray(start), r.every, r.window, r.max_change, r.bins)
-            self.temperatures = list(self.online.temperatures)
+            self.online = OnlineCalibration(np.ones(self.num_tokens), r.every, r.window, r.max_change, r.bins)
+            self.maps = scaled_maps(self.offline_maps, self.online.temperatures, self.num_tokens)
         self.profile = None  # SPSProfile, set by the runner before serving
         self.learned = sps_profile.ServingCorrections()  # what the profile does not see
         self.guard = BreakEvenGuard() if self.options.break_even else None
@@ -397,8 +398,8 @@ class DSparkProposer:
         # same steps, and it is the rank whose step output vLLM's executor returns.
         self.reports_stats = _is_first_rank()
         self.stats = EngineStats(self.policy.name, self.num_tokens)
-        if self.temperatures is not None:
-            self.stats.record_calibration(np.asarray(self.temperatures[: self.num_tokens]), float("nan"), 0)
+        if self.maps is not None:
+            self.stats.record_calibration(np.asarray(self.maps["temperatures"][: self.num_tokens]), float("nan"), 0)
         self.model = None
         self.attn_layers: list = []
         self.layer_names: list[str] = []
@@ -502,23 +503,25 @@ class DSparkProposer:
 
     # -- confidence-scheduled verification ---------------------------------
     def calibrated_confidences(self, drafts) -> torch.Tensor | None:
-        """c_k after STS: sigmoid(z_k / T_k); the raw head output when not calibrated."""
+        """c_k = sigmoid(g_k(z_k)) after STS; the raw head output when not calibrated."""
         if drafts.confidence_logits is None:
             return None
-        if self.temperatures is None:
+        if self.maps is None:
             return drafts.confidences.float()
         logits = drafts.confidence_logits.float()
-        if self._temperatures_t is None or self._temperatures_t.device != logits.device:
-            self._temperatures_t = torch.tensor(self.temperatures, dtype=torch.float32, device=logits.device)
-        return apply_temperatures(logits, self._temperatures_t)
+        if self._maps_t is None or self._maps_t["temperatures"].device != logits.device:
+            self._maps_t = {k: None if v is None else torch.tensor(v, dtype=torch.float32, device=logits.device)
+                            for k, v in self.maps.items()}
+        return apply_temperatures(logits, **self._maps_t)
 
     def begin_round(self) -> None:
         """Before the drafter runs: temperatures re-fitted on verified rounds apply from
         this round on (never to a round that is already drafted; see refinement.py)."""
         update = None if self.online is None else self.online.take_update()
         if update is not None:
-            self.temperatures, self._temperatures_t = list(update), None
-            self.stats.record_calibration(update, self.online.live_ece, self.online.refits)
+            self.maps, self._maps_t = scaled_maps(self.offline_maps, update, self.num_tokens), None
+            self.stats.record_calibration(np.asarray(self.maps["temperatures"]), self.online.live_ece,
+                                          self.online.refits)
 
     def step_cost(self, num_drafting: int) -> sps_profile.StepCost | None:
         """The cost model of a step in which `num_drafting` requests draft."""
@@ -560,8 +563,10 @@ class DSparkProposer:
         self.stats.record_verification(verified_mask.sum(0), (accepted[:, None] > positions).sum(0), predicted)
         if self.online is not None and self.round is not None:
             mine = (rows >= 0) & (nd > 0)
-            logits = self.round.confidence_logits.float().cpu().numpy()
-            self.online.observe(logits[rows[mine]], nd[mine], accepted[mine])
+            logits = self.round.confidence_logits.float().cpu().numpy()[rows[mine]]
+            if self.offline_maps is not None:  # refinement scales the offline map's logits
+                logits = calibrated_logits(logits, **self.offline_maps)
+            self.online.observe(logits, nd[mine], accepted[mine])
         if self.guard is not None:
             self.guard.observe(int((nd > 0).sum()), int(nd.sum()), int(accepted.sum()))
         self.step_emitted = int(accepted.sum()) + len(nd)  # this step's output tokens, for the guard
@@ -1222,7 +1227,7 @@ class DSparkWorkerMixin:
         drafter = self.model_runner.drafter
         return {"runner": type(self.model_runner).__name__, "draft_model": drafter.options.draft_model,
                 "policy": drafter.policy.name, "shared_with_target": list(drafter.shared),
-                "calibrated": drafter.temperatures is not None, "break_even_guard": drafter.guard is not None,
+                "calibrated": drafter.maps is not None, "break_even_guard": drafter.guard is not None,
                 "draft_rounds": drafter.rounds_drafted,
                 "sps_profile": None if drafter.profile is None else drafter.profile.model_dump()}
 

@@ -25,7 +25,12 @@ def serve_files(tmp_path_factory):
     cal = d / "calibration.json"
     cal.write_text(json.dumps({"version": 1, "block_size": BLOCK,
                                "temperatures": [1.5, 1.0, 0.8, 1.2, 1.0, 2.0, 1.0]}))
-    return {"steep": str(steep), "calibration": str(cal), "dir": d}
+    # A version-2 map (calibration.calibrated_logits): two temperatures and a bias per position.
+    cal2 = d / "calibration-v2.json"
+    cal2.write_text(json.dumps({"version": 2, "block_size": BLOCK, "temperatures": [0.5, 0.6, 0.4, 0.5, 0.7, 0.5, 0.4],
+                                "low_temperatures": [2.0, 1.5, 1000.0, 3.0, 1.0, 2.0, 1.0],
+                                "biases": [-1.0, -1.5, -0.5, -1.8, 0.5, -1.0, 0.0]}))
+    return {"steep": str(steep), "calibration": str(cal), "calibration_v2": str(cal2), "dir": d}
 
 
 def make_llm(fixture_paths, serve_files, verification, **extra):
@@ -139,17 +144,50 @@ def test_bad_calibration_and_profile_files_fail_clearly(fixture_paths, serve_fil
                                         sps_profile=str(bad_profile)))
 
 
+def _round_survival_and_logits(worker):
+    """Runs inside the worker: the recent rounds' calibrated survival and raw confidence
+    logits, as lists (vLLM's result channel does not carry numpy arrays as such)."""
+    rounds = [r for r in worker.model_runner.drafter.recent_rounds if r.survival is not None]
+    return ([row for r in rounds for row in r.survival.tolist()],
+            [row for r in rounds for row in r.confidence_logits.float().cpu().tolist()])
+
+
+def test_version_2_calibration_is_the_map_the_engine_applies(fixture_paths, serve_files, baseline, prompts,
+                                                              monkeypatch):
+    """The engine's survival estimates are the file's full map (temperatures, low temperatures
+    and biases), not its temperatures alone; greedy output still equals plain decoding."""
+    import numpy as np
+    from vllm import SamplingParams
+
+    from dspark_vllm.calibration import cumulative_survival, load_calibration
+
+    monkeypatch.setenv("VLLM_ALLOW_INSECURE_SERIALIZATION", "1")  # collective_rpc with a function
+    serve_files = dict(serve_files, calibration=serve_files["calibration_v2"])
+    llm = make_llm(fixture_paths, serve_files, "sync")
+    greedy = SamplingParams(temperature=0.0, max_tokens=32, ignore_eos=True)
+    assert generate_ids(llm, prompts, greedy) == generate_ids(baseline, prompts, greedy)
+    [(survival, logits)] = llm.collective_rpc(_round_survival_and_logits)
+    survival, logits = np.asarray(survival), np.asarray(logits)
+    maps = load_calibration(serve_files["calibration"]).maps
+    assert len(survival) > 10
+    np.testing.assert_allclose(survival, cumulative_survival(logits, **maps), rtol=1e-4, atol=1e-6)
+    assert np.abs(survival - cumulative_survival(logits, maps["temperatures"])).max() > 0.05
+    [info] = llm.collective_rpc("dspark_info")
+    assert info["calibrated"]
+    del llm
+
+
 def test_online_refinement_stays_exact_and_reports(fixture_paths, serve_files, baseline, prompts):
     """`sync` with online STS refinement re-fitting every 32 rounds: greedy output equals plain
     decoding, sampled output has the target's distribution, and /metrics shows the re-fits,
-    the temperatures in use and the live ECE."""
+    the temperatures in use and the live ECE. It refines a version-2 (asymmetric) offline map."""
     from vllm import SamplingParams
 
     import dspark_vllm
     from vllm import LLM
 
     kwargs = dspark_vllm.engine_kwargs(fixture_paths["dspark"], verification="sync",
-                                       calibration=serve_files["calibration"], sps_profile=serve_files["steep"],
+                                       calibration=serve_files["calibration_v2"], sps_profile=serve_files["steep"],
                                        break_even=False, refinement={"every": 32, "window": 256})
     llm = LLM(model=fixture_paths["target"], **kwargs, **COMMON)
     greedy = SamplingParams(temperature=0.0, max_tokens=64, ignore_eos=True)
@@ -161,7 +199,7 @@ def test_online_refinement_stays_exact_and_reports(fixture_paths, serve_files, b
 
     [stats] = llm.collective_rpc("dspark_stats")
     assert stats["refits"] > 10 and 0 <= stats["live_ece"] < 1
-    offline = [1.5, 1.0, 0.8, 1.2, 1.0, 2.0, 1.0]
+    offline = [0.5, 0.6, 0.4, 0.5, 0.7, 0.5, 0.4]  # refinement scales the version-2 file's map
     assert stats["temperature"] != offline and all(t > 0 for t in stats["temperature"])
     m = dspark_metrics(llm)
     assert m["vllm:dspark_calibration_refits"] == stats["refits"]
