@@ -13,22 +13,22 @@ calibrated slots gets wrong.
 
 The map of one position (`calibrated_logits`) is
 
-    g_k(z) = softplus(z) / T_k - softplus(-z) / L_k + b_k,
+    g_k(z) = (h_k(z) + b_k) / T_k,
 
-in one of three forms (`fit_sts(form=...)`):
-- "temperature": L_k = T_k, b_k = 0, i.e. g_k(z) = z / T_k, the paper's STS
-  (softplus(z) - softplus(-z) = z);
+where h_k is the identity, or a monotone piecewise-linear shape: slopes
+s_k0, ..., s_km > 0 between knots e_k1 < ... < e_km, with h_k(0) = 0. Three
+forms (`fit_sts(form=...)`):
+- "temperature": g_k(z) = z / T_k, the paper's STS;
 - "platt": a temperature and a bias per position (Platt scaling);
-- "asymmetric" (the default): T_k is the temperature of the confident side
-  (z >> 0, where g ~ z / T_k + b_k) and L_k that of the unconfident side
-  (z << 0, where g ~ z / L_k + b_k), joined smoothly around z = 0; this is
-  beta calibration of c = sigmoid(z): g = log(c) / L_k - log(1 - c) / T_k + b_k.
-  On the default pair the raw head is over-confident in the middle and about
-  right at the top, a shape that one temperature, with or without a bias,
-  cannot bend into (held-out ECE: temperature 3.4%, platt 3.0%, asymmetric
-  1.8%, see the default pair's README).
+- "piecewise" (the default): h_k with knots at quantiles of the position's
+  logits (3 by default) and a bias, T_k = 1. On the default pair the raw head
+  is over-confident in the middle of its range and about right at the top, a
+  shape that one temperature, with or without a bias, cannot bend into
+  (held-out mean ECE: temperature 3.4%, platt 2.7%, piecewise 1.4%; see the
+  default pair's README).
 Every form is increasing in z, so it never changes the ranking of one slot's
-rounds.
+rounds. T_k stays a separate factor so that online refinement
+(refinement.py) can rescale any map: g_k / tau_k = (h_k + b_k) / (T_k tau_k).
 
 The objective is the log-loss (a proper scoring rule) of the cumulative
 survival at position k: unlike ECE it is smooth, needs no binning, and pins
@@ -48,7 +48,7 @@ sample with outcome y as y positive and 1 - y negative).
 The fitted maps go to a small JSON file (`CalibrationFile`) that the plugin
 loads with `load_calibration` and applies with `apply_temperatures`.
 Temperature-only files (version 1, the paper's form) stay valid; files with
-`low_temperatures` / `biases` are version 2, so a reader that only knows
+`biases` or `knots` / `slopes` are version 2, so a reader that only knows
 temperatures refuses them instead of silently dropping a part of the map.
 `evaluate_calibration` measures a map on rounds it was not fitted on: the
 `heldout` section of the file, the number to quote.
@@ -141,33 +141,44 @@ def sigmoid(x: np.ndarray) -> np.ndarray:
     return np.exp(-np.logaddexp(0.0, -x))
 
 
-def _per_position(values, k: int) -> np.ndarray | None:
-    return None if values is None else np.asarray(values, np.float64)[:k]
+def map_logits(z: torch.Tensor, temperatures=None, biases=None, knots=None, slopes=None) -> torch.Tensor:
+    """g_k(z_k) = (h_k(z_k) + b_k) / T_k for logits z [..., K] (torch; any K <= the map's).
 
-
-def calibrated_logits(conf_logits, temperatures=None, low_temperatures=None, biases=None) -> np.ndarray:
-    """g_k(z_k) = softplus(z_k) / T_k - softplus(-z_k) / L_k + b_k for z [..., K].
-
-    T = 1 when None; L = T and b = 0 when None, so (T, None, None) is exactly
-    z / T, the paper's temperature scaling.
+    h_k(z) = sum_i s_ki * (clip(z, e_i, e_i+1) - clip(0, e_i, e_i+1)) over the
+    segments between e_0 = -inf, the knots, and e_m+1 = +inf; the identity when
+    knots / slopes are None. T = 1 and b = 0 when None.
     """
-    z = np.asarray(conf_logits, dtype=np.float64)
     k = z.shape[-1]
-    t = np.ones(k) if temperatures is None else _per_position(temperatures, k)
-    low = _per_position(low_temperatures, k)
-    x = z / t if low is None else np.logaddexp(0.0, z) / t - np.logaddexp(0.0, -z) / low
-    return x if biases is None else x + _per_position(biases, k)
+
+    def per_position(values):
+        return torch.as_tensor(values, dtype=z.dtype, device=z.device)[:k]
+
+    x = z
+    if slopes is not None:
+        e = per_position(knots)  # [K, m]
+        inf = torch.full_like(e[:, :1], math.inf)
+        lo, hi = torch.cat([-inf, e], 1), torch.cat([e, inf], 1)  # [K, m + 1]
+        zero = torch.zeros((), dtype=z.dtype, device=z.device)
+        x = (per_position(slopes) * (z[..., None].clamp(lo, hi) - zero.clamp(lo, hi))).sum(-1)
+    if biases is not None:
+        x = x + per_position(biases)
+    return x if temperatures is None else x / per_position(temperatures)
 
 
-def cumulative_survival(conf_logits, temperatures=None, low_temperatures=None, biases=None) -> np.ndarray:
+def calibrated_logits(conf_logits, temperatures=None, biases=None, knots=None, slopes=None) -> np.ndarray:
+    """`map_logits` on numpy logits [..., K] (float64)."""
+    z = torch.as_tensor(np.asarray(conf_logits, dtype=np.float64))
+    return map_logits(z, temperatures, biases, knots, slopes).numpy()
+
+
+def cumulative_survival(conf_logits, temperatures=None, biases=None, knots=None, slopes=None) -> np.ndarray:
     """a_k = prod_{j<=k} sigmoid(g_j(z_j)) for z [N, K] (the raw head when no map is given)."""
-    return np.cumprod(sigmoid(calibrated_logits(conf_logits, temperatures, low_temperatures, biases)),
-                      axis=-1)
+    return np.cumprod(sigmoid(calibrated_logits(conf_logits, temperatures, biases, knots, slopes)), axis=-1)
 
 
 # -- fitting one position ---------------------------------------------------------
 DEFAULT_GRID = np.geomspace(0.05, 20.0, 241)
-FORMS = ("temperature", "platt", "asymmetric")
+FORMS = ("temperature", "platt", "piecewise")
 OBJECTIVES = ("nll", "ece")
 
 
@@ -200,21 +211,20 @@ def survival_log_loss(prefix, x, outcome) -> torch.Tensor:
     return -(outcome * log_a + (1 - outcome) * log_not_a).mean()
 
 
-TEMPERATURE_BOUNDS = (0.01, 1000.0)  # T = 1000: a side of z = 0 that says (almost) nothing
+TEMPERATURE_BOUNDS = (0.01, 1000.0)  # slopes of the piecewise shape: the inverse range
 
 
-def fit_position_nll(prefix, z, outcome, form: str = "asymmetric",
-                     grid: np.ndarray = DEFAULT_GRID) -> tuple[float, float | None, float | None]:
-    """(T, L, b) of g(z) minimising the log-loss of prefix * sigmoid(g(z)) against outcome.
+def fit_position_nll(prefix, z, outcome, form: str = "piecewise", grid: np.ndarray = DEFAULT_GRID,
+                     num_knots: int = 3) -> dict:
+    """The map of one position minimising the log-loss of prefix * sigmoid(g(z)) against outcome.
 
     The temperature alone is searched on a coarse grid over `grid`'s range first
-    (a start on the right side of a flat region matters); the other parameters then join, from L = T and
-    b = 0, in an L-BFGS refinement of all of them. Temperatures are
-    log-parameterised and kept in TEMPERATURE_BOUNDS, so the map stays
-    increasing in z: a slot's ranking never changes. (Left free, the later
-    positions of the default pair want a negative slope below z = 0, i.e.
-    more survival for a less confident head; the bound gives them a flat side.)
-    L is None unless form is "asymmetric", b None for "temperature".
+    (a start on the right side of a flat region matters); the form's other
+    parameters then join, from that start, in an L-BFGS refinement. Returns the
+    position's temperature, bias, knots and slopes (None where the form has none).
+    Temperatures and slopes are log-parameterised and kept in TEMPERATURE_BOUNDS
+    (inverted for slopes), so the map stays increasing in z: a slot's ranking
+    never changes. The knots are fixed at quantiles of z.
     """
     p = torch.as_tensor(np.clip(prefix, 1e-300, 1.0), dtype=torch.float64)
     zt = torch.as_tensor(z, dtype=torch.float64)
@@ -223,25 +233,36 @@ def fit_position_nll(prefix, z, outcome, form: str = "asymmetric",
     with torch.no_grad():
         losses = [float(survival_log_loss(p, zt / t, y)) for t in start]
     lo, hi = (math.log(b) for b in TEMPERATURE_BOUNDS)
-    log_t = torch.tensor(math.log(start[int(np.argmin(losses))]), dtype=torch.float64, requires_grad=True)
-    log_low = log_t.detach().clone().requires_grad_(form == "asymmetric")
+    log_t0 = math.log(start[int(np.argmin(losses))])
+    knots = None
+    if form == "piecewise":
+        knots = torch.as_tensor(np.unique(np.quantile(z, np.linspace(0, 1, num_knots + 2)[1:-1])))
+    log_t = torch.tensor(0.0 if knots is not None else log_t0, dtype=torch.float64,
+                         requires_grad=knots is None)
+    log_slopes = torch.full((0 if knots is None else len(knots) + 1,), -log_t0, dtype=torch.float64,
+                            requires_grad=knots is not None)
     bias = torch.zeros((), dtype=torch.float64, requires_grad=form != "temperature")
-    opt = torch.optim.LBFGS([v for v in (log_t, log_low, bias) if v.requires_grad], lr=1.0, max_iter=200,
-                            tolerance_grad=1e-9, tolerance_change=1e-12, line_search_fn="strong_wolfe")
+    params = [v for v in (log_t, log_slopes, bias) if v.requires_grad]
+    opt = torch.optim.LBFGS(params, lr=1.0, max_iter=200, tolerance_grad=1e-9, tolerance_change=1e-12,
+                            line_search_fn="strong_wolfe")
 
-    def temperatures():
-        return log_t.clamp(lo, hi).exp(), log_low.clamp(lo, hi).exp()
+    def current():
+        slopes = None if knots is None else log_slopes.clamp(-hi, -lo).exp()
+        return log_t.clamp(lo, hi).exp(), slopes
 
     def closure():
         opt.zero_grad()
-        t, low = temperatures()
-        loss = survival_log_loss(p, F.softplus(zt) / t - F.softplus(-zt) / low + bias, y)
+        t, slopes = current()
+        loss = survival_log_loss(p, map_logits(zt[:, None], t[None], bias[None], None if knots is None
+                                               else knots[None], None if slopes is None else slopes[None])[:, 0], y)
         loss.backward()
         return loss
 
     opt.step(closure)
-    t, low = (float(v.detach()) for v in temperatures())
-    return t, (low if form == "asymmetric" else None), (float(bias.detach()) if form != "temperature" else None)
+    t, slopes = current()
+    return dict(temperature=float(t.detach()), bias=None if form == "temperature" else float(bias.detach()),
+                knots=None if knots is None else knots.tolist(),
+                slopes=None if slopes is None else slopes.detach().tolist())
 
 
 # -- STS: the sequential fit, and its evaluation --------------------------------------
@@ -274,15 +295,15 @@ class CalibrationMetrics:
                 f"(means over {len(self.ece_before)} positions)")
 
 
-def evaluate_calibration(conf_logits, survival, observed=None, temperatures=None, low_temperatures=None,
-                         biases=None, bins: int = 15) -> CalibrationMetrics:
+def evaluate_calibration(conf_logits, survival, observed=None, temperatures=None, biases=None, knots=None,
+                         slopes=None, bins: int = 15) -> CalibrationMetrics:
     """Metrics of a map on rounds [N, K] (fitted on them, or held out: the honest number)."""
     z = np.asarray(conf_logits, dtype=np.float64)
     s = np.asarray(survival, dtype=np.float64)
     if z.ndim != 2 or z.shape != s.shape:
         raise ValueError(f"conf_logits {z.shape} and survival {s.shape} must both be [N, K]")
     obs = np.ones(z.shape, bool) if observed is None else np.asarray(observed, bool)
-    raw, cal = cumulative_survival(z), cumulative_survival(z, temperatures, low_temperatures, biases)
+    raw, cal = cumulative_survival(z), cumulative_survival(z, temperatures, biases, knots, slopes)
     m = CalibrationMetrics([], [], [], [], [])
     for k in range(z.shape[1]):
         rows = obs[:, k]
@@ -299,27 +320,28 @@ class STSResult(CalibrationMetrics):
     """Fitted maps and the metrics on the rounds they were fitted on."""
 
     temperatures: list[float] = field(default_factory=list)
-    low_temperatures: list[float] | None = None  # form "asymmetric"
-    biases: list[float] | None = None  # forms "platt" and "asymmetric"
+    biases: list[float] | None = None  # forms "platt" and "piecewise"
+    knots: list[list[float]] | None = None  # form "piecewise"
+    slopes: list[list[float]] | None = None  # form "piecewise"
     method: str = "temperature/ece"
 
     @property
     def maps(self) -> dict:
-        """temperatures, low_temperatures, biases: the keyword arguments of the map functions."""
-        return dict(temperatures=self.temperatures, low_temperatures=self.low_temperatures,
-                    biases=self.biases)
+        """temperatures, biases, knots, slopes: the keyword arguments of the map functions."""
+        return dict(temperatures=self.temperatures, biases=self.biases, knots=self.knots, slopes=self.slopes)
 
 
 def fit_sts(conf_logits, survival, observed=None, bins: int = 15, grid: np.ndarray = DEFAULT_GRID,
-            form: str = "asymmetric", objective: str = "nll") -> STSResult:
+            form: str = "piecewise", objective: str = "nll", num_knots: int = 3) -> STSResult:
     """Sequential Temperature Scaling: g_1..g_K left to right, each given the calibrated prefix.
 
     conf_logits: [N, K] the head's logits z_k of N drafting rounds.
     survival:    [N, K] observed prefix survival S_k (0/1, or soft in [0, 1]).
     observed:    [N, K] bool, False where S_k is unknown (round ran past the text).
-    form:        "temperature" (the paper), "platt" or "asymmetric" (see the module doc).
+    form:        "temperature" (the paper), "platt" or "piecewise" (see the module doc).
     objective:   "nll" (log-loss of the cumulative survival) or "ece" (the paper's
                  search; "temperature" form only).
+    num_knots:   knots of the "piecewise" shape (at quantiles of each position's logits).
     """
     if form not in FORMS or objective not in OBJECTIVES:
         raise ValueError(f"form must be one of {FORMS} and objective one of {OBJECTIVES}, "
@@ -332,76 +354,69 @@ def fit_sts(conf_logits, survival, observed=None, bins: int = 15, grid: np.ndarr
     if z.ndim != 2 or z.shape != s.shape:
         raise ValueError(f"conf_logits {z.shape} and survival {s.shape} must both be [N, K]")
     obs = np.ones(z.shape, bool) if observed is None else np.asarray(observed, bool)
-    temps, lows, biases = [], [], []
+    identity = dict(temperature=1.0, bias=0.0, knots=[0.0] * num_knots, slopes=[1.0] * (num_knots + 1))
+    fits = []
     prefix = np.ones(z.shape[0])  # prod_{j<k} sigmoid(g_j(z_j)), calibrated
     for k in range(z.shape[1]):
         rows = obs[:, k]
         if not rows.any():
-            t, low, b = 1.0, None, None
+            fit = identity
         elif objective == "ece":
-            t, low, b = fit_position(prefix[rows], z[rows, k], s[rows, k], bins, grid), None, None
+            fit = dict(temperature=fit_position(prefix[rows], z[rows, k], s[rows, k], bins, grid))
         else:
-            t, low, b = fit_position_nll(prefix[rows], z[rows, k], s[rows, k], form, grid)
-        temps.append(t)
-        lows.append(t if low is None else low)
-        biases.append(0.0 if b is None else b)
-        prefix = prefix * sigmoid(calibrated_logits(z[:, k:k + 1], [t], [lows[-1]], [biases[-1]])[:, 0])
-    maps = dict(temperatures=temps, low_temperatures=lows if form == "asymmetric" else None,
-                biases=biases if form != "temperature" else None)
+            fit = fit_position_nll(prefix[rows], z[rows, k], s[rows, k], form, grid, num_knots)
+        if form == "piecewise":  # logits with fewer distinct quantiles: zero-length segments
+            fit = dict(fit, knots=fit["knots"] + [fit["knots"][-1]] * (num_knots - len(fit["knots"])),
+                       slopes=fit["slopes"] + [1.0] * (num_knots + 1 - len(fit["slopes"])))
+        fits.append(fit)
+        prefix = prefix * sigmoid(calibrated_logits(z[:, k:k + 1], **_maps_of([fit], form))[:, 0])
+    maps = _maps_of(fits, form)
     metrics = evaluate_calibration(z, s, obs, bins=bins, **maps)
     return STSResult(**vars(metrics), **maps, method=f"{form}/{objective}")
+
+
+def _maps_of(fits: list[dict], form: str) -> dict:
+    """Per-position fits -> the map arguments (lists over positions; None where the form has none)."""
+    piecewise = form == "piecewise"
+    return dict(temperatures=[f["temperature"] for f in fits],
+                biases=[f.get("bias") or 0.0 for f in fits] if form != "temperature" else None,
+                knots=[f["knots"] for f in fits] if piecewise else None,
+                slopes=[f["slopes"] for f in fits] if piecewise else None)
 
 
 def scaled_maps(maps: dict | None, scale, num_positions: int) -> dict:
     """The map g_k(z) / tau_k of the first `num_positions` positions, as map arguments.
 
     Online refinement (refinement.py) fits a temperature tau_k on top of the offline
-    map; dividing g_k = softplus(z) / T_k - softplus(-z) / L_k + b_k by tau_k stays
-    in the family: (T_k tau_k, L_k tau_k, b_k / tau_k). Without an offline map,
-    g_k(z) = z and the result is plain temperature scaling by tau.
+    map: g_k / tau_k = (h_k + b_k) / (T_k tau_k), the same map with its
+    temperatures multiplied. Without an offline map, g_k(z) = z and the result
+    is plain temperature scaling by tau.
     """
     tau = np.asarray(scale, dtype=np.float64)[:num_positions]
     if maps is None:
-        return dict(temperatures=tau.tolist(), low_temperatures=None, biases=None)
-
-    def part(name, op):
-        values = maps.get(name)
-        return None if values is None else op(np.asarray(values, np.float64)[:num_positions]).tolist()
-
-    return dict(temperatures=part("temperatures", lambda t: t * tau),
-                low_temperatures=part("low_temperatures", lambda t: t * tau),
-                biases=part("biases", lambda b: b / tau))
+        return dict(temperatures=tau.tolist(), biases=None, knots=None, slopes=None)
+    cut = {k: None if v is None else list(v)[:num_positions] for k, v in maps.items()}
+    return dict(cut, temperatures=(np.asarray(cut["temperatures"], np.float64) * tau).tolist())
 
 
-def apply_temperatures(conf_logits: torch.Tensor, temperatures, low_temperatures=None,
-                       biases=None) -> torch.Tensor:
-    """Calibrated per-slot confidences c_k = sigmoid(g_k(z_k)) of logits [..., K'].
+def apply_temperatures(conf_logits: torch.Tensor, temperatures, biases=None, knots=None,
+                       slopes=None) -> torch.Tensor:
+    """Calibrated per-slot confidences c_k = sigmoid(g_k(z_k)) of logits [..., K'] (torch).
 
     With temperatures alone this is sigmoid(z_k / T_k) (a version-1 file);
-    `low_temperatures` and `biases` (a version-2 file) complete the map of
-    `calibrated_logits`. K' may be smaller than the calibrated block size (the
-    first K' entries are used). Multiply along the last dim (cumprod) for the
+    `biases`, `knots` and `slopes` (a version-2 file) complete the map of
+    `map_logits`. K' may be smaller than the calibrated block size (the first
+    K' entries are used). Multiply along the last dim (cumprod) for the
     survival a_k.
     """
     k = conf_logits.shape[-1]
-
-    def per_position(values, name):
-        t = torch.as_tensor(values, dtype=conf_logits.dtype, device=conf_logits.device)
-        if k > t.shape[0]:
+    for name, values in (("temperatures", temperatures), ("biases", biases), ("knots", knots),
+                         ("slopes", slopes)):
+        if values is not None and k > len(values):
             raise DSparkConfigError(
-                f"calibration {name!r} has {t.shape[0]} entries but {k} draft slots "
+                f"calibration {name!r} has {len(values)} entries but {k} draft slots "
                 f"need them; {RECALIBRATE} for this draft checkpoint.")
-        return t[:k]
-
-    temps = per_position(temperatures, "temperatures")
-    if low_temperatures is None:
-        x = conf_logits / temps
-    else:
-        low = per_position(low_temperatures, "low_temperatures")
-        x = F.softplus(conf_logits) / temps - F.softplus(-conf_logits) / low
-    if biases is not None:
-        x = x + per_position(biases, "biases")
-    return torch.sigmoid(x)
+    return torch.sigmoid(map_logits(conf_logits, temperatures, biases, knots, slopes))
 
 
 # -- the calibration file -----------------------------------------------------
@@ -442,8 +457,9 @@ class CalibrationFile(BaseModel):
     """`calibration.json`, written by scripts/calibrate.py.
 
     version 1: `temperatures` only (c_k = sigmoid(z_k / T_k)); version 2 adds
-    `low_temperatures` and/or `biases` (see `calibrated_logits`). The metrics at
-    the top level are measured on the fitting rounds, `heldout` on others.
+    `biases` and/or `knots` [K][m] with `slopes` [K][m + 1] (see `map_logits`).
+    The metrics at the top level are measured on the fitting rounds, `heldout`
+    on others.
     """
 
     model_config = ConfigDict(extra="ignore")
@@ -451,9 +467,10 @@ class CalibrationFile(BaseModel):
     version: Literal[1, 2] = 1
     block_size: int
     temperatures: list[float]
-    low_temperatures: list[float] | None = None
     biases: list[float] | None = None
-    method: str | None = None  # form/objective of fit_sts, e.g. "asymmetric/nll"
+    knots: list[list[float]] | None = None
+    slopes: list[list[float]] | None = None
+    method: str | None = None  # form/objective of fit_sts, e.g. "piecewise/nll"
     ece_before: list[float | None] | None = None
     ece_after: list[float | None] | None = None
     auc_before: list[float | None] | None = None
@@ -470,32 +487,47 @@ class CalibrationFile(BaseModel):
 
     @property
     def maps(self) -> dict:
-        """temperatures, low_temperatures, biases: the keyword arguments of
+        """temperatures, biases, knots, slopes: the keyword arguments of
         `apply_temperatures`, `calibrated_logits` and `cumulative_survival`."""
-        return dict(temperatures=self.temperatures, low_temperatures=self.low_temperatures,
-                    biases=self.biases)
+        return dict(temperatures=self.temperatures, biases=self.biases, knots=self.knots, slopes=self.slopes)
 
     def check(self, source: str) -> "CalibrationFile":
         if self.block_size < 1:
             raise DSparkConfigError(
                 f"{source}: 'block_size' must be >= 1, got {self.block_size}; {RECALIBRATE}.")
-        for name in ("temperatures", "low_temperatures", "biases"):
+        for name in ("temperatures", "biases", "knots", "slopes"):
             values = getattr(self, name)
-            if values is None:
-                continue
-            if len(values) != self.block_size:
+            if values is not None and len(values) != self.block_size:
                 raise DSparkConfigError(
                     f"{source}: {name!r} has {len(values)} entries but 'block_size' is "
                     f"{self.block_size}: one per draft position is needed; {RECALIBRATE}.")
-            positive = name != "biases"
-            bad = [v for v in values if not (math.isfinite(v) and (v > 0 or not positive))]
+
+        def require(name, values, ok, what):
+            bad = [v for v in values if not (math.isfinite(v) and ok(v))]
             if bad:
+                raise DSparkConfigError(f"{source}: {name!r} must be {what}, got {bad}; {RECALIBRATE} "
+                                        f"(or set the temperatures to 1.0 to use the raw confidences).")
+
+        require("temperatures", self.temperatures, lambda v: v > 0, "finite and > 0")
+        require("biases", self.biases or [], lambda v: True, "finite")
+        if (self.knots is None) != (self.slopes is None):
+            raise DSparkConfigError(f"{source}: 'knots' and 'slopes' go together (the piecewise shape "
+                                    f"needs both); {RECALIBRATE}.")
+        if self.knots is not None:
+            m = len(self.knots[0])
+            if any(len(e) != m for e in self.knots) or any(len(sl) != m + 1 for sl in self.slopes):
                 raise DSparkConfigError(
-                    f"{source}: {name!r} must be finite{' and > 0' if positive else ''}, got {bad}; "
-                    f"{RECALIBRATE} (or set the temperatures to 1.0 to use the raw confidences).")
-        if self.version == 1 and (self.low_temperatures is not None or self.biases is not None):
+                    f"{source}: every position needs the same number m of 'knots' and m + 1 'slopes', "
+                    f"got {[len(e) for e in self.knots]} knots and {[len(sl) for sl in self.slopes]} "
+                    f"slopes; {RECALIBRATE}.")
+            require("knots", [v for e in self.knots for v in e], lambda v: True, "finite")
+            if any(b < a for e in self.knots for a, b in zip(e, e[1:])):
+                raise DSparkConfigError(f"{source}: each position's 'knots' must be in increasing order, "
+                                        f"got {self.knots}; {RECALIBRATE}.")
+            require("slopes", [v for sl in self.slopes for v in sl], lambda v: v > 0, "finite and > 0")
+        if self.version == 1 and any(v is not None for v in (self.biases, self.knots, self.slopes)):
             raise DSparkConfigError(
-                f"{source}: 'low_temperatures' and 'biases' need 'version': 2 (a version-1 reader "
+                f"{source}: 'biases', 'knots' and 'slopes' need 'version': 2 (a version-1 reader "
                 f"would apply the temperatures alone); {RECALIBRATE}.")
         return self
 
@@ -503,7 +535,7 @@ class CalibrationFile(BaseModel):
 def calibration_from_fit(result: STSResult, heldout: HeldoutReport | None = None,
                          **meta) -> CalibrationFile:
     """A CalibrationFile of an STS fit; meta: num_rounds, num_prompts, prompts, bins, draft_model, ..."""
-    extended = result.low_temperatures is not None or result.biases is not None
+    extended = result.biases is not None or result.slopes is not None
     return CalibrationFile(
         version=2 if extended else 1, block_size=len(result.temperatures), method=result.method,
         ece_before=result.ece_before, ece_after=result.ece_after,

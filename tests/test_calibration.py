@@ -76,10 +76,15 @@ def synthetic_rounds(n=20_000, seed=0, shift=0.0):
 
 def test_sts_recovers_known_miscalibration():
     z, survival, true_t = synthetic_rounds()
-    r = fit_sts(z, survival)
+    r = fit_sts(z, survival, form="temperature")  # the paper's form: the temperatures themselves
     assert max(r.ece_after) < 0.02
     assert all(a < 0.5 * b for a, b in zip(r.ece_after, r.ece_before))
     np.testing.assert_allclose(r.temperatures, true_t, rtol=0.2)
+    # The default piecewise form finds the same straight line (its slopes are loosely
+    # identified where the sigmoid saturates; the probabilities are what counts).
+    pw = fit_sts(z, survival)
+    assert max(pw.ece_after) < 0.02
+    assert np.abs(sigmoid(calibrated_logits(z, **pw.maps)) - sigmoid(z / true_t)).mean(0).max() < 0.02
     # Position 1 is a monotone map of z_1: AUC identical. Later positions
     # rescale several logits differently, so the product's ranking may move a little.
     assert r.auc_after[0] == pytest.approx(r.auc_before[0], abs=1e-12)
@@ -123,42 +128,44 @@ def test_held_out_evaluation_recovers_the_miscalibration_and_shows_a_shift():
     assert report.num_samples == [len(z_same)] * 7 and report.num_prompts == 9
 
 
-def asymmetric_rounds(n=40_000, seed=0):
-    """A head under-confident above z = 0 (T = 0.5) and over-confident below it
-    (L = 2), with an offset: one temperature, even with a bias, cannot undo
-    that; the asymmetric map can."""
+def bent_rounds(n=40_000, seed=0):
+    """A head under-confident above its median z = 1 (true logit 2 (z - 1)) and
+    over-confident below it ((z - 1) / 2): one temperature, even with a bias,
+    cannot undo that; a monotone piecewise-linear map can."""
     rng = np.random.default_rng(seed)
     z = 1.0 + rng.normal(0, 2.5, (n, 4))
-    true = calibrated_logits(z, [0.5] * 4, [2.0] * 4, [-0.5] * 4)  # true acceptance logits
+    true = np.where(z > 1, 2 * (z - 1), (z - 1) / 2)  # true acceptance logits
     accepted = rng.random(true.shape) < sigmoid(true)
     return z, np.cumprod(accepted, axis=1).astype(float)
 
 
 @pytest.mark.parametrize("form, objective", [("temperature", "ece"), ("temperature", "nll"), ("platt", "nll")])
-def test_asymmetric_map_fits_what_one_temperature_cannot(form, objective):
-    z, survival = asymmetric_rounds(seed=0)
-    z_eval, s_eval = asymmetric_rounds(seed=1)
+def test_piecewise_map_fits_what_one_temperature_cannot(form, objective):
+    z, survival = bent_rounds(seed=0)
+    z_eval, s_eval = bent_rounds(seed=1)
     fit = fit_sts(z, survival)
     rich = evaluate_calibration(z_eval, s_eval, **fit.maps)
     simple = evaluate_calibration(z_eval, s_eval, **fit_sts(z, survival, form=form, objective=objective).maps)
     assert max(rich.ece_after) < 0.015
-    np.testing.assert_allclose(fit.temperatures[0], 0.5, rtol=0.1)  # position 1: the map itself
-    np.testing.assert_allclose(fit.low_temperatures[0], 2.0, rtol=0.1)
-    np.testing.assert_allclose(fit.biases[0], -0.5, atol=0.1)
+    # Position 1 (no prefix) is the bent line itself: flat below the median, steep above.
+    assert fit.method == "piecewise/nll" and len(fit.knots[0]) == 3 and len(fit.slopes[0]) == 4
+    assert fit.slopes[0][0] < 0.7 and fit.slopes[0][-1] > 1.4
+    np.testing.assert_allclose(calibrated_logits(np.array([[0.0, 0, 0, 0]]), **fit.maps)[0, 0], -0.5, atol=0.15)
     assert np.mean(simple.ece_after) > 2 * np.mean(rich.ece_after)
 
 
 def test_forms_reduce_to_temperature_scaling_and_leave_calibrated_logits_alone():
     z, survival, true_t = synthetic_rounds(n=20_000, seed=4)
     calibrated = z / true_t
-    for form in ("temperature", "platt", "asymmetric"):
+    for form in ("temperature", "platt", "piecewise"):
         r = fit_sts(calibrated, survival, form=form)
-        # (T, L, b) trade off against each other where the data are thin; the map is what counts.
+        # Parameters trade off against each other where the data are thin; the map is what counts.
         moved = np.abs(sigmoid(calibrated_logits(calibrated, **r.maps)) - sigmoid(calibrated))
         assert moved.mean() < 0.01 and moved.max() < 0.1
         assert r.method == f"{form}/nll" and max(r.ece_after) < 0.02
-    # softplus(z) / T - softplus(-z) / T == z / T: the two-temperature map at L = T.
-    np.testing.assert_allclose(calibrated_logits(z, true_t, true_t), z / true_t, atol=1e-9)
+    # Equal slopes on every segment: the piecewise shape is the line s * z.
+    flat = dict(knots=[[-1.0, 0.5, 2.0]] * 7, slopes=[[1 / t] * 4 for t in true_t])
+    np.testing.assert_allclose(calibrated_logits(z, **flat), z / true_t, atol=1e-9)
     with pytest.raises(ValueError, match="temperatures only"):
         fit_sts(z, survival, form="platt", objective="ece")
 
@@ -173,30 +180,42 @@ def test_apply_temperatures_matches_sigmoid_and_takes_fewer_slots():
         apply_temperatures(torch.zeros(2, 6), temps)
 
 
-def test_apply_temperatures_with_biases_and_low_temperatures_matches_numpy():
+PIECEWISE = dict(temperatures=[0.5, 2.0, 1.0, 3.0], biases=[0.3, -0.2, 0.0, 1.0],
+                 knots=[[-1.0, 2.0], [0.0, 0.5], [-3.0, -3.0], [1.0, 4.0]],
+                 slopes=[[0.2, 1.0, 3.0], [1.0, 1.0, 1.0], [0.5, 9.0, 2.0], [1.0, 2.0, 1.0]])
+
+
+def test_piecewise_shape_by_hand():
+    """h(z): slope s_0 below the first knot, s_i between knots i and i+1, h(0) = 0; then (h + b) / T."""
+    z = np.array([[-2.0, 0.0, 0.0, 0.0], [0.0, 0.0, 0.0, 0.0], [3.0, 0.0, 0.0, 0.0]])
+    g = calibrated_logits(z, **PIECEWISE)[:, 0]
+    h = [0.2 * (-1.0) + 1.0 * (-1.0), 0.0, 1.0 * 2.0 + 3.0 * 1.0]  # -2: below e1 = -1; 3: above e2 = 2
+    np.testing.assert_allclose(g, (np.array(h) + 0.3) / 0.5)
+    # A zero-length segment (repeated knot) contributes nothing, whatever its slope.
+    np.testing.assert_allclose(calibrated_logits(np.full((1, 4), -5.0), **PIECEWISE)[0, 2], 0.5 * (-5 + 3) + 2.0 * (-3 - 0))
+
+
+def test_apply_temperatures_with_a_piecewise_map_matches_numpy():
     z = torch.randn(5, 3) * 4
-    maps = dict(temperatures=[0.5, 2.0, 1.0, 3.0], low_temperatures=[1.5, 0.7, 1.0, 2.0],
-                biases=[0.3, -0.2, 0.0, 1.0])
-    out = apply_temperatures(z, **maps)
-    np.testing.assert_allclose(out.cumprod(-1).numpy(), cumulative_survival(z.numpy(), **maps), rtol=1e-5)
-    plain = apply_temperatures(z, maps["temperatures"])  # a version-1 file: z / T alone
-    torch.testing.assert_close(plain, torch.sigmoid(z / torch.tensor(maps["temperatures"][:3])))
+    out = apply_temperatures(z, **PIECEWISE)
+    np.testing.assert_allclose(out.cumprod(-1).numpy(), cumulative_survival(z.numpy(), **PIECEWISE), rtol=1e-5)
+    plain = apply_temperatures(z, PIECEWISE["temperatures"])  # a version-1 file: z / T alone
+    torch.testing.assert_close(plain, torch.sigmoid(z / torch.tensor(PIECEWISE["temperatures"][:3])))
     with pytest.raises(DSparkConfigError, match="'biases' has 2 entries"):
-        apply_temperatures(z, maps["temperatures"], biases=[0.0, 0.0])
+        apply_temperatures(z, PIECEWISE["temperatures"], biases=[0.0, 0.0])
 
 
 def test_scaled_maps_divide_the_calibrated_logit_and_stay_in_the_family():
     """Online refinement's temperature tau on top of an offline map: g(z) / tau, written as a map."""
     z = np.random.default_rng(0).normal(0, 3, (50, 3))
-    maps = dict(temperatures=[0.5, 2.0, 1.0, 9.0], low_temperatures=[1.5, 0.7, 1.0, 9.0], biases=[0.3, -0.2, 0.0, 9.0])
     tau = np.array([1.25, 0.8, 1.0])
-    scaled = scaled_maps(maps, tau, 3)
-    np.testing.assert_allclose(calibrated_logits(z, **scaled), calibrated_logits(z, **maps) / tau)
-    assert len(scaled["biases"]) == 3
-    v1 = scaled_maps(dict(temperatures=[0.5, 2.0, 1.0], low_temperatures=None, biases=None), tau, 3)
-    assert v1["low_temperatures"] is None and v1["biases"] is None
+    scaled = scaled_maps(PIECEWISE, tau, 3)
+    np.testing.assert_allclose(calibrated_logits(z, **scaled), calibrated_logits(z, **PIECEWISE) / tau)
+    assert len(scaled["biases"]) == len(scaled["knots"]) == 3 and scaled["slopes"] == PIECEWISE["slopes"][:3]
+    v1 = scaled_maps(dict(temperatures=[0.5, 2.0, 1.0], biases=None, knots=None, slopes=None), tau, 3)
+    assert v1["biases"] is None and v1["knots"] is None
     np.testing.assert_allclose(v1["temperatures"], [0.625, 1.6, 1.0])
-    assert scaled_maps(None, tau, 2) == dict(temperatures=[1.25, 0.8], low_temperatures=None, biases=None)
+    assert scaled_maps(None, tau, 2) == dict(temperatures=[1.25, 0.8], biases=None, knots=None, slopes=None)
 
 
 # -- the calibration file ------------------------------------------------------
@@ -217,14 +236,14 @@ def test_calibration_file_roundtrip(tmp_path):
     save_calibration(cal, tmp_path / "c.json")
     loaded = load_calibration(tmp_path / "c.json", block_size=7)
     assert loaded == cal and loaded.block_size == 7 and len(loaded.temperatures) == 7
-    assert loaded.version == 2 and len(loaded.biases) == len(loaded.low_temperatures) == 7
+    assert loaded.version == 2 and len(loaded.biases) == len(loaded.knots) == len(loaded.slopes) == 7
     assert loaded.heldout.num_prompts == 16 and loaded.heldout.mean_ece_after < 0.03
-    assert loaded.method == "asymmetric/nll"
+    assert loaded.method == "piecewise/nll"
     # The map the file describes is the one that was fitted.
     np.testing.assert_allclose(cumulative_survival(z, **loaded.maps), cumulative_survival(z, **fit.maps))
     minimal = load_calibration(write(tmp_path, {"block_size": 2, "temperatures": [1, 0.5]}))
     assert minimal.version == 1 and minimal.ece_after is None and minimal.heldout is None
-    assert minimal.maps == {"temperatures": [1, 0.5], "low_temperatures": None, "biases": None}
+    assert minimal.maps == {"temperatures": [1, 0.5], "biases": None, "knots": None, "slopes": None}
 
 
 def test_version_1_files_still_load(tmp_path):
@@ -235,7 +254,7 @@ def test_version_1_files_still_load(tmp_path):
            "num_samples": [8068, 8014, 8022], "num_rounds": 8068, "draft_model": "d",
            "target_model": "t", "temperature_sampling": 0.0}
     cal = load_calibration(write(tmp_path, old), block_size=3)
-    assert cal.temperatures == [0.68, 0.79, 0.70] and cal.low_temperatures is None and cal.biases is None
+    assert cal.temperatures == [0.68, 0.79, 0.70] and cal.knots is None and cal.biases is None
     z = torch.randn(4, 3)
     torch.testing.assert_close(apply_temperatures(z, **cal.maps),
                                torch.sigmoid(z / torch.tensor(old["temperatures"])))
@@ -252,12 +271,18 @@ def test_version_1_files_still_load(tmp_path):
     ({"version": 3, "block_size": 1, "temperatures": [1.0]}, None, "version must be 1 or 2 (got 3)"),
     ({"version": 2, "block_size": 2, "temperatures": [1.0, 1.0], "biases": [0.1, 0.2, 0.3]}, None,
      "'biases' has 3 entries but 'block_size' is 2"),
-    ({"version": 2, "block_size": 2, "temperatures": [1.0, 1.0], "low_temperatures": [1.0, 0.0]}, None,
-     "'low_temperatures' must be finite and > 0, got [0.0]"),
+    ({"version": 2, "block_size": 2, "temperatures": [1.0, 1.0], "knots": [[0.0], [0.0]],
+      "slopes": [[1.0, 1.0], [1.0, 0.0]]}, None, "'slopes' must be finite and > 0, got [0.0]"),
+    ({"version": 2, "block_size": 2, "temperatures": [1.0, 1.0], "knots": [[0.0], [0.0]]}, None,
+     "'knots' and 'slopes' go together"),
+    ({"version": 2, "block_size": 2, "temperatures": [1.0, 1.0], "knots": [[0.0], [0.0, 1.0]],
+      "slopes": [[1.0, 1.0], [1.0, 1.0, 1.0]]}, None, "the same number m of 'knots' and m + 1 'slopes'"),
+    ({"version": 2, "block_size": 1, "temperatures": [1.0], "knots": [[1.0, 0.0]], "slopes": [[1.0] * 3]},
+     None, "'knots' must be in increasing order"),
     ({"version": 2, "block_size": 1, "temperatures": [1.0], "biases": ["x"]}, None,
      "biases[0] must be a number (got 'x')"),
     ({"block_size": 1, "temperatures": [1.0], "biases": [0.5]}, None,
-     "'low_temperatures' and 'biases' need 'version': 2"),
+     "'biases', 'knots' and 'slopes' need 'version': 2"),
     ({"block_size": 1, "temperatures": [1.0], "heldout": {"num_rounds": 10, "ece_before": [0.1],
       "ece_after": ["x"], "auc_before": [0.8], "auc_after": [0.8], "num_samples": [10]}}, None,
      "heldout.ece_after[0] must be a number (got 'x')"),
@@ -353,7 +378,7 @@ def test_calibrate_script_end_to_end(fixture_paths, tmp_path):
     assert "ECE" in proc.stdout and "AUC" in proc.stdout and "held out" in proc.stdout
     cal = load_calibration(out, block_size=7)
     assert cal.num_rounds > 0 and cal.temperature_sampling == 0.0 and cal.num_prompts == 3
-    assert cal.draft_model == fixture_paths["dspark"] and cal.method == "asymmetric/nll"
+    assert cal.draft_model == fixture_paths["dspark"] and cal.method == "piecewise/nll"
     assert cal.heldout.num_prompts == 2 and cal.heldout.num_rounds > 0
     assert cal.heldout.prompts == str(held) and len(cal.heldout.ece_after) == 7
     assert plot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"

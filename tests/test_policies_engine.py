@@ -25,11 +25,12 @@ def serve_files(tmp_path_factory):
     cal = d / "calibration.json"
     cal.write_text(json.dumps({"version": 1, "block_size": BLOCK,
                                "temperatures": [1.5, 1.0, 0.8, 1.2, 1.0, 2.0, 1.0]}))
-    # A version-2 map (calibration.calibrated_logits): two temperatures and a bias per position.
+    # A version-2 map (calibration.map_logits): a piecewise shape, a bias and a temperature per position.
     cal2 = d / "calibration-v2.json"
     cal2.write_text(json.dumps({"version": 2, "block_size": BLOCK, "temperatures": [0.5, 0.6, 0.4, 0.5, 0.7, 0.5, 0.4],
-                                "low_temperatures": [2.0, 1.5, 1000.0, 3.0, 1.0, 2.0, 1.0],
-                                "biases": [-1.0, -1.5, -0.5, -1.8, 0.5, -1.0, 0.0]}))
+                                "biases": [-1.0, -1.5, -0.5, -1.8, 0.5, -1.0, 0.0],
+                                "knots": [[-0.5, 0.0, 0.5]] * BLOCK,
+                                "slopes": [[0.3, 2.0, 0.5, 3.0], [1.0, 1.0, 4.0, 0.2]] * 3 + [[1.0] * 4]}))
     return {"steep": str(steep), "calibration": str(cal), "calibration_v2": str(cal2), "dir": d}
 
 
@@ -180,7 +181,7 @@ def test_version_2_calibration_is_the_map_the_engine_applies(fixture_paths, serv
 def test_online_refinement_stays_exact_and_reports(fixture_paths, serve_files, baseline, prompts):
     """`sync` with online STS refinement re-fitting every 32 rounds: greedy output equals plain
     decoding, sampled output has the target's distribution, and /metrics shows the re-fits,
-    the temperatures in use and the live ECE. It refines a version-2 (asymmetric) offline map."""
+    the temperatures in use and the live ECE. It refines a version-2 (piecewise) offline map."""
     from vllm import SamplingParams
 
     import dspark_vllm
