@@ -33,8 +33,8 @@ fit (the map was chosen on those very rounds); the held-out ones go to the
 `heldout` section of --out and, when given, to the --plot reliability diagram.
 The rounds of one prompt share one continuation and are strongly correlated,
 so the number of prompts, not of rounds, sets how far a held-out number can be
-trusted: on the default pair the mean ECE of 64 held-out prompts reads about
-2 points higher than that of 512 (and varies by +-0.7 between sets of 64).
+trusted: on the default pair the map that reads 1.4% mean ECE on 512 held-out
+prompts reads 3.1% +- 0.5 on random sets of 64 of them.
 """
 
 from __future__ import annotations

@@ -34,7 +34,10 @@ from dspark_vllm import corpus
 from dspark_vllm.fixtures import train_tokenizer
 
 DEFAULT_OUT = Path(__file__).resolve().parents[1] / "dspark_vllm" / "assets" / "default_pair" / "target"
-PROMPT_COUNTS = {"train": 2000, "heldout": 64, "calibration": 64}
+# Calibration fits and held-out calibration numbers need many prompts: the rounds of one
+# prompt share one continuation, so the prompt count sets their noise. The first 64 of
+# each split are the same for any count (prompt_records draws in order from its seed).
+PROMPT_COUNTS = {"train": 2000, "heldout": 512, "calibration": 1024}
 
 
 def parse_args(argv=None):

@@ -43,7 +43,7 @@ def code(pair, tok):
     """Held-out code: 24 prompts of at most 120 tokens, and a long token stream (the other files)."""
     from dspark_vllm.prompts import load_turns
 
-    turns = load_turns(pair["prompts"])
+    turns = load_turns(pair["prompts"], 64)  # the first 64 held-out prompts
     prompts = [tok(t).input_ids[:120] for t in turns[:24]]
     stream = tok("".join(turns[24:])).input_ids
     assert len(stream) > 1300
