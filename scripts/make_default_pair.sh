@@ -57,4 +57,13 @@ OMP_NUM_THREADS=1 "$PY" scripts/calibrate.py --target "$OUT/target" --draft "$OU
   --raw --max-tokens 128 --temperature 0 --form piecewise --num-knots 3 --objective nll \
   --out "$OUT/calibration.json" --plot "$OUT/reliability.png"
 
+# The same at sampling temperature 1 (soft labels: the exact survival probability of
+# each round), for sampled serving: calibration-t1.json; 512 fitting prompts (each
+# round costs a target forward more than greedy), about 20 minutes.
+OMP_NUM_THREADS=1 "$PY" scripts/calibrate.py --target "$OUT/target" --draft "$OUT/dspark" \
+  --prompts "$OUT/prompts/calibration.jsonl" --max-prompts 512 \
+  --eval-prompts "$OUT/prompts/heldout.jsonl" --eval-max-prompts 512 \
+  --raw --max-tokens 128 --temperature 1 --form piecewise --num-knots 3 --objective nll \
+  --out "$OUT/calibration-t1.json" --plot "$OUT/reliability-t1.png"
+
 du -sh "$OUT"
