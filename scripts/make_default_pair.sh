@@ -6,9 +6,12 @@
 # DSpark drafter's STS calibration. Seeded throughout; about 90 minutes on 2 CPU
 # cores (20 for the target, 8 for the data, 45 for the two drafters side by side,
 # 12 for the calibration).
+# The drafter variants (variants/: an RNN-head drafter, a block-15 DSpark / DFlash
+# pair) add about 50 minutes; SKIP_VARIANTS=1 leaves them out.
 #
 #   bash scripts/make_default_pair.sh            # everything
 #   SKIP_TARGET=1 bash scripts/make_default_pair.sh   # keep the target, redo the drafters
+#   SKIP_VARIANTS=1 bash scripts/make_default_pair.sh # without the drafter variants
 #
 # Held-out prompts (prompts/heldout.jsonl, 512, and prompts/calibration.jsonl, 1024,
 # written by train_target.py) come from stdlib files that no training step ever
@@ -66,4 +69,32 @@ OMP_NUM_THREADS=1 "$PY" scripts/calibrate.py --target "$OUT/target" --draft "$OU
   --raw --max-tokens 128 --temperature 1 --form piecewise --num-knots 3 --objective nll \
   --out "$OUT/calibration-t1.json" --plot "$OUT/reliability-t1.png"
 
+# The paper's drafter variants (variants/, the same data): an RNN Markov head at
+# block 7 with the drafters' recipe (`common`; a later --block-size overrides its
+# 7), to set against the vanilla head of dspark/; and a DSpark / DFlash pair at
+# block 15, trained alike but cheaper: 1500 steps of 32 anchors per sequence
+# (a block-15 step at 64 anchors takes ~2.5x a block-7 one, which made 3500 steps
+# over 3 hours per drafter on 2 shared cores), so compare the pair with each
+# other, not with the block-7 drafters' absolute numbers. All three side by side,
+# one thread each: about 50 minutes (41-45 per run, three runs on 2 cores).
+if [ -z "${SKIP_VARIANTS:-}" ]; then
+  variant() {  # name, flags...
+    local name=$1; shift
+    OMP_NUM_THREADS=1 "$PY" scripts/train_draft.py "${common[@]}" "$@" --out "$WORK/$name"
+  }
+  b15=(--block-size 15 --steps 1500 --num-anchors 32)
+  variant rnn --head rnn --block-size 7 &
+  rnn=$!
+  variant dspark-b15 --head vanilla "${b15[@]}" &
+  dspark_b15=$!
+  variant dflash-b15 --head none "${b15[@]}" &
+  dflash_b15=$!
+  wait "$rnn"
+  wait "$dspark_b15"
+  wait "$dflash_b15"
+  for d in rnn dspark-b15 dflash-b15; do
+    rm -rf "${OUT:?}/variants/$d" && mkdir -p "$OUT/variants/$d"
+    cp "$WORK/$d/config.json" "$WORK/$d/model.safetensors" "$OUT/variants/$d/"
+  done
+fi
 du -sh "$OUT"
