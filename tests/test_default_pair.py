@@ -26,7 +26,7 @@ def test_files_are_complete_small_and_consistent(pair):
 
     root = Path(pair["target"]).parent
     size = sum(f.stat().st_size for f in root.rglob("*") if f.is_file() and f.parent.name != "prompts")
-    assert size < 25e6, f"default pair is {size / 1e6:.1f} MB"
+    assert size < 100e6, f"default pair is {size / 1e6:.1f} MB"
     target = TargetInfo.from_hf_config(AutoConfig.from_pretrained(pair["target"]))
     dspark = validate_checkpoint(pair["dspark"], target, None)
     dflash = validate_checkpoint(pair["dflash"], target, None)
@@ -34,7 +34,29 @@ def test_files_are_complete_small_and_consistent(pair):
     assert dspark.markov_rank > 0 and dspark.enable_confidence_head
     assert dflash.markov_rank == 0 and not dflash.enable_confidence_head
     assert dspark.num_hidden_layers == dflash.num_hidden_layers  # same backbone
-    assert load_calibration(pair["calibration"], dspark.block_size).temperatures
+    calibration = load_calibration(pair["calibration"], dspark.block_size)
+    assert calibration.heldout is not None and calibration.heldout.prompts.endswith("heldout.jsonl")
+    assert calibration.prompts.endswith("calibration.jsonl")  # fitted and measured on different prompts
+    assert load_calibration(root / "calibration-t1.json", dspark.block_size).temperature_sampling == 1.0
+
+
+def test_variants_are_the_papers_ablations(pair):
+    """variants/: an RNN Markov head at block 7, and a DSpark / DFlash pair at block 15, on the
+    same one-layer backbone as dspark/ (make_default_pair.sh; tau in the pair's README)."""
+    from dspark_vllm.model.checkpoint import TargetInfo, validate_checkpoint
+    from transformers import AutoConfig
+
+    target = TargetInfo.from_hf_config(AutoConfig.from_pretrained(pair["target"]))
+    root = Path(pair["target"]).parent / "variants"
+    rnn = validate_checkpoint(str(root / "rnn"), target, None)
+    dspark15 = validate_checkpoint(str(root / "dspark-b15"), target, None)
+    dflash15 = validate_checkpoint(str(root / "dflash-b15"), target, None)
+    vanilla = validate_checkpoint(pair["dspark"], target, None)
+    assert rnn.block_size == 7 and rnn.markov_head_type == "rnn" and vanilla.markov_head_type == "vanilla"
+    assert dspark15.block_size == dflash15.block_size == 15
+    assert dspark15.markov_rank > 0 and dspark15.enable_confidence_head
+    assert dflash15.markov_rank == 0 and not dflash15.enable_confidence_head
+    assert {c.num_hidden_layers for c in (rnn, dspark15, dflash15, vanilla)} == {1}
 
 
 @pytest.mark.slow
