@@ -60,9 +60,15 @@ class BreakEvenGuard:
     spec_rate: dict[int, float] = field(default_factory=dict)  # bucket -> tokens / (request s), drafting
     plain_rate: dict[int, float] = field(default_factory=dict)  # bucket -> tokens / (request s), plain
     plain_seen: dict[int, int] = field(default_factory=dict)  # bucket -> decision count when last measured
+    samples: dict[tuple[bool, int], int] = field(default_factory=dict)  # (drafting, bucket) -> steps measured
 
-    def _mean(self, table: dict[int, float], key: int, value: float) -> None:
-        table[key] = value if key not in table else table[key] + self.smoothing * (value - table[key])
+    def _mean(self, table: dict[int, float], key: int, value: float, drafting: bool) -> None:
+        """Running mean: the plain average of the first 1 / smoothing samples, then exponential.
+        (Starting the exponential mean at the first sample let one slow step, such as the
+        first decode step after a prefill, set a bucket's rate for dozens of steps.)"""
+        n = self.samples[drafting, key] = self.samples.get((drafting, key), 0) + 1
+        weight = max(1.0 / n, self.smoothing)
+        table[key] = value if n == 1 else table[key] + weight * (value - table[key])
 
     def observe(self, num_requests: int, num_verified: int, num_accepted: int) -> None:
         """One verification step of `num_requests` requests that had drafted."""
@@ -83,7 +89,7 @@ class BreakEvenGuard:
         if num_requests <= 0 or seconds <= 0 or verified != drafted:
             return
         key = bucket(num_requests)
-        self._mean(self.spec_rate if drafted else self.plain_rate, key, emitted / (num_requests * seconds))
+        self._mean(self.spec_rate if drafted else self.plain_rate, key, emitted / (num_requests * seconds), drafted)
         if not drafted:
             self.plain_seen[key] = self.step
 

@@ -129,3 +129,18 @@ def test_engine_skips_the_drafter_on_a_steep_curve_and_stays_exact(fixture_paths
     [info] = llm.collective_rpc("dspark_info")
     steps = next(m.value for m in llm.get_metrics() if m.name == "vllm:dspark_engine_steps")
     assert not info["break_even_guard"] and info["draft_rounds"] >= steps - 2  # all but prefill steps
+
+
+def test_a_slow_first_step_does_not_set_the_rate():
+    """The first decode step after a prefill is slow; the measured rate is the average of the
+    first steps, not an exponential mean anchored at that one (which would still read 8.1
+    after nine steps at 10 tokens per request-second)."""
+    guard = BreakEvenGuard()
+    guard.observe_step(64, verified=False, drafted=False, emitted=64, seconds=64 / (64 * 5.0))
+    for _ in range(9):
+        guard.observe_step(64, verified=False, drafted=False, emitted=64, seconds=64 / (64 * 10.0))
+    assert guard.plain_rate[7] == pytest.approx(9.5)
+    for _ in range(200):  # after 1 / smoothing samples the mean is exponential: it follows change
+        guard.observe_step(64, verified=False, drafted=False, emitted=64, seconds=64 / (64 * 20.0))
+    assert guard.plain_rate[7] == pytest.approx(20.0, rel=1e-6)
+    assert guard.spec_rate == {}
