@@ -141,28 +141,51 @@ def sigmoid(x: np.ndarray) -> np.ndarray:
     return np.exp(-np.logaddexp(0.0, -x))
 
 
-def map_logits(z: torch.Tensor, temperatures=None, biases=None, knots=None, slopes=None) -> torch.Tensor:
-    """g_k(z_k) = (h_k(z_k) + b_k) / T_k for logits z [..., K] (torch; any K <= the map's).
+@dataclass
+class ConfidenceMap:
+    """g_k(z_k) = (h_k(z_k) + b_k) / T_k as tensors on one device, the segment bounds of h_k
+    derived once: what serving applies to every drafting round (`map_logits` builds one).
 
     h_k(z) = sum_i s_ki * (clip(z, e_i, e_i+1) - clip(0, e_i, e_i+1)) over the
-    segments between e_0 = -inf, the knots, and e_m+1 = +inf; the identity when
-    knots / slopes are None. T = 1 and b = 0 when None.
+    segments between e_0 = -inf, the knots, and e_m+1 = +inf; the identity
+    without slopes. T = 1 and b = 0 where None.
     """
-    k = z.shape[-1]
 
-    def per_position(values):
-        return torch.as_tensor(values, dtype=z.dtype, device=z.device)[:k]
+    temperatures: torch.Tensor | None  # [K]
+    biases: torch.Tensor | None  # [K]
+    slopes: torch.Tensor | None  # [K, m + 1]
+    lo: torch.Tensor | None  # [K, m + 1] lower and upper bound of each segment
+    hi: torch.Tensor | None
+    at_zero: torch.Tensor | None  # [K, m + 1] clip(0, lo, hi): h_k(0) = 0
 
-    x = z
-    if slopes is not None:
-        e = per_position(knots)  # [K, m]
-        inf = torch.full_like(e[:, :1], math.inf)
-        lo, hi = torch.cat([-inf, e], 1), torch.cat([e, inf], 1)  # [K, m + 1]
-        zero = torch.zeros((), dtype=z.dtype, device=z.device)
-        x = (per_position(slopes) * (z[..., None].clamp(lo, hi) - zero.clamp(lo, hi))).sum(-1)
-    if biases is not None:
-        x = x + per_position(biases)
-    return x if temperatures is None else x / per_position(temperatures)
+    @classmethod
+    def of(cls, temperatures=None, biases=None, knots=None, slopes=None, dtype=torch.float32,
+           device=None) -> "ConfidenceMap":
+        def tensor(values):
+            return None if values is None else torch.as_tensor(values, dtype=dtype, device=device)
+
+        lo = hi = at_zero = None
+        if slopes is not None:
+            e = tensor(knots)
+            inf = torch.full_like(e[:, :1], math.inf)
+            lo, hi = torch.cat([-inf, e], 1), torch.cat([e, inf], 1)
+            at_zero = torch.zeros((), dtype=dtype, device=device).clamp(lo, hi)
+        return cls(tensor(temperatures), tensor(biases), tensor(slopes), lo, hi, at_zero)
+
+    def __call__(self, z: torch.Tensor) -> torch.Tensor:
+        """The calibrated logits of z [..., K'] (K' <= K: the first K' positions)."""
+        k = z.shape[-1]
+        x = z
+        if self.slopes is not None:
+            x = (self.slopes[:k] * (z[..., None].clamp(self.lo[:k], self.hi[:k]) - self.at_zero[:k])).sum(-1)
+        if self.biases is not None:
+            x = x + self.biases[:k]
+        return x if self.temperatures is None else x / self.temperatures[:k]
+
+
+def map_logits(z: torch.Tensor, temperatures=None, biases=None, knots=None, slopes=None) -> torch.Tensor:
+    """g_k(z_k) for logits z [..., K] (torch; see `ConfidenceMap`)."""
+    return ConfidenceMap.of(temperatures, biases, knots, slopes, dtype=z.dtype, device=z.device)(z)
 
 
 def calibrated_logits(conf_logits, temperatures=None, biases=None, knots=None, slopes=None) -> np.ndarray:

@@ -29,7 +29,7 @@ import torch
 from vllm.logger import init_logger
 
 from . import sps as sps_profile
-from .calibration import apply_temperatures, calibrated_logits, load_calibration, scaled_maps
+from .calibration import ConfidenceMap, calibrated_logits, load_calibration, scaled_maps
 from .config import DSparkOptions, PROPOSER_PATH, options_from_additional_config
 from .guard import BreakEvenGuard
 from .metrics import DSparkPrometheus, EngineStats, StatsReport
@@ -385,7 +385,7 @@ class DSparkProposer:
         if self.options.calibration:
             self.offline_maps = load_calibration(self.options.calibration, self.draft_config.block_size).maps
         self.maps = self.offline_maps  # in use; None: the raw head
-        self._maps_t = None  # the map in use on the drafter's device (uploaded once per change)
+        self._map_t = None  # the map in use on the drafter's device (built once per change)
         self.online = None  # online STS refinement, if asked for
         if self.options.refinement is not None:
             r = self.options.refinement
@@ -509,17 +509,16 @@ class DSparkProposer:
         if self.maps is None:
             return drafts.confidences.float()
         logits = drafts.confidence_logits.float()
-        if self._maps_t is None or self._maps_t["temperatures"].device != logits.device:
-            self._maps_t = {k: None if v is None else torch.tensor(v, dtype=torch.float32, device=logits.device)
-                            for k, v in self.maps.items()}
-        return apply_temperatures(logits, **self._maps_t)
+        if self._map_t is None or self._map_t.temperatures.device != logits.device:
+            self._map_t = ConfidenceMap.of(**self.maps, device=logits.device)  # load_calibration checked its size
+        return torch.sigmoid(self._map_t(logits))
 
     def begin_round(self) -> None:
         """Before the drafter runs: temperatures re-fitted on verified rounds apply from
         this round on (never to a round that is already drafted; see refinement.py)."""
         update = None if self.online is None else self.online.take_update()
         if update is not None:
-            self.maps, self._maps_t = scaled_maps(self.offline_maps, update, self.num_tokens), None
+            self.maps, self._map_t = scaled_maps(self.offline_maps, update, self.num_tokens), None
             self.stats.record_calibration(np.asarray(self.maps["temperatures"]), self.online.live_ece,
                                           self.online.refits)
 
