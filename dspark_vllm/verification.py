@@ -162,3 +162,32 @@ def verify(
     keep = torch.arange(k, device=device) < n_acc.unsqueeze(1)
     out[:, :k] = torch.where(keep, drafts, PLACEHOLDER)
     return out.scatter_(1, n_acc.unsqueeze(1), emitted.unsqueeze(1))
+
+
+def verify_greedy(target_logits: torch.Tensor, draft_token_ids: torch.Tensor, num_draft: torch.Tensor,
+                  max_len: int) -> torch.Tensor:
+    """verify() for a batch in which every request is greedy, in a few tensor ops and
+    without a host sync: a draft is accepted while it equals the target's argmax,
+    then the argmax of the first mismatching row (or of the bonus row) is emitted.
+
+    Same layout and output as verify(); num_draft is a tensor here and max_len its
+    maximum. One argmax over the vocabulary is the only pass over the logits (no
+    float32 copies, no softmax), which is what makes greedy verification cheap.
+    """
+    device = target_logits.device
+    nd = num_draft.to(device=device, dtype=torch.long)
+    n, total = nd.shape[0], draft_token_ids.shape[0]
+    argmax = target_logits.argmax(-1)
+    if total == 0:  # no request drafted: each has only its bonus row
+        return argmax.view(n, 1)
+    first = torch.cumsum(nd, 0) - nd  # index of each request's first draft
+    j = torch.arange(max_len, device=device)
+    idx = (first[:, None] + j).clamp(max=total - 1)  # [n, max_len] draft index (clamped past the end)
+    rows = idx + torch.arange(n, device=device)[:, None]  # the target row scoring it
+    x = draft_token_ids.to(device=device, dtype=torch.long)[idx]
+    match = (x == argmax[rows]) & (j < nd[:, None])
+    n_acc = match.long().cumprod(1).sum(1)
+    emitted = argmax[first + torch.arange(n, device=device) + n_acc]
+    out = torch.full((n, max_len + 1), PLACEHOLDER, dtype=torch.long, device=device)
+    out[:, :max_len] = torch.where(j < n_acc[:, None], x, PLACEHOLDER)
+    return out.scatter_(1, n_acc[:, None], emitted[:, None])

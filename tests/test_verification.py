@@ -10,6 +10,7 @@ from dspark_vllm.verification import (
     race_sample,
     residual,
     verify,
+    verify_greedy,
 )
 
 NEG = float("-inf")
@@ -71,7 +72,10 @@ def greedy_batch(argmaxes, drafts_per_req, vocab=8):
     logits = torch.stack([torch.arange(vocab).eq(t) * 5.0 for t in argmaxes])
     drafts = torch.tensor([d for ds in drafts_per_req for d in ds], dtype=torch.long)
     num_draft = [len(ds) for ds in drafts_per_req]
-    return verify(logits, drafts, num_draft, torch.ones(len(num_draft), dtype=torch.bool))
+    out = verify(logits, drafts, num_draft, torch.ones(len(num_draft), dtype=torch.bool))
+    fast = verify_greedy(logits, drafts, torch.tensor(num_draft), max(num_draft))
+    assert torch.equal(fast, out)  # the serving fast path agrees with the general verifier
+    return out
 
 
 def test_greedy_prefix_correction_bonus():
@@ -93,6 +97,24 @@ def test_greedy_first_mismatch_stops():
 def test_no_drafts_at_all():
     out = greedy_batch([3, 1], [[], []])
     assert out.tolist() == [[3], [1]]
+
+
+def test_verify_greedy_equals_verify_on_random_batches():
+    """The all-greedy fast path (one argmax, no float32 copies) against the general
+    verifier on random batches: ragged lengths, requests without drafts, drafts that
+    mostly match the argmax (so long prefixes are accepted), bf16 logits."""
+    gen = torch.Generator().manual_seed(0)
+    for trial in range(200):
+        n, V = int(torch.randint(1, 9, (1,), generator=gen)), 16
+        num_draft = torch.randint(0, 8, (n,), generator=gen).tolist()
+        logits = torch.randn(sum(num_draft) + n, V, generator=gen).to(torch.bfloat16 if trial % 2 else torch.float32)
+        argmax = logits.argmax(-1)
+        rows = [r + i for i, k in enumerate(num_draft) for r in range(sum(num_draft[:i]), sum(num_draft[:i]) + k)]
+        hit = torch.rand(len(rows), generator=gen) < 0.8
+        drafts = torch.where(hit, argmax[rows], torch.randint(0, V, (len(rows),), generator=gen))
+        expected = verify(logits, drafts, num_draft, torch.ones(n, dtype=torch.bool))
+        got = verify_greedy(logits, drafts, torch.tensor(num_draft), max(num_draft))
+        assert torch.equal(got, expected), (num_draft, got, expected)
 
 
 def test_mixed_batch():
