@@ -21,10 +21,13 @@ size is read fresh every step, so a change of load changes the decision at once.
 The profile cannot see everything that grows with the batch (attention over
 long contexts, logits and sampling of every verified row), so the guard also
 measures both ways directly: per power-of-two bucket of R, the tokens emitted
-per request-second of pure drafting steps (they verify the previous round and
-draft the next) and of pure plain steps (neither). Where both are known for the
-current bucket (and nothing else shares the step), they decide. Where only the
-drafting rate is known, or the plain one is older than `refresh_steps`, the
+per request-second of drafting steps (they verify the previous round and draft
+the next) and of plain steps (neither). Other tokens in a step (prefill chunks,
+the prompt of a request whose prefill ends in it) are costed by the profile's
+marginal T(B + other) - T(B): taken out of a measured step, added to a
+predicted one. Under steady arrivals nearly every step carries a prompt, so
+this is what lets the measurements decide at high load. Where the drafting
+rate is known but the plain one is not, or is older than `refresh_steps`, the
 guard skips two steps in a row to measure plain decoding (the profile plus a
 constant overhead learned on wide drafting steps underrates it: at 64 requests
 it predicted 13 ms for a plain step that takes 6.5 ms).
@@ -82,10 +85,13 @@ class BreakEvenGuard:
             self.tau += self.smoothing * (tau - self.tau)
             self.verified += self.smoothing * (verified - self.verified)
 
-    def observe_step(self, num_requests: int, verified: bool, drafted: bool, emitted: int, seconds: float) -> None:
-        """A finished step of `num_requests` decoding requests (and nothing else): whether it
-        verified a round and drafted one, tokens emitted, its time. A step that did only
-        one of the two is a transition and measures neither way."""
+    def observe_step(self, num_requests: int, verified: bool, drafted: bool, emitted: int, seconds: float,
+                     other_s: float = 0.0) -> None:
+        """A finished step of `num_requests` decoding requests: whether it verified a round
+        and drafted one, tokens emitted, its time, and the profile's cost of the other
+        tokens that shared it (`StepCost.extra_seconds`), which is taken out. A step that
+        did only one of the two is a transition and measures neither way."""
+        seconds -= other_s
         if num_requests <= 0 or seconds <= 0 or verified != drafted:
             return
         key = bucket(num_requests)
@@ -94,18 +100,22 @@ class BreakEvenGuard:
             self.plain_seen[key] = self.step
 
     def rates(self, num_requests: int, other_tokens: int, cost: StepCost) -> tuple[float, float]:
-        """Expected tokens/s of (speculative, plain) for the next step."""
+        """Expected tokens/s of (speculative, plain) for the next step: the seconds of each
+        way for the R decoding requests alone (measured where known, else the cost model),
+        plus the profile's marginal cost of the step's other tokens."""
         R = num_requests
         key = bucket(R)
-        if other_tokens == 0 and key in self.spec_rate and key in self.plain_rate:
-            return R * self.spec_rate[key], R * self.plain_rate[key]
-        b_spec = R + round(R * self.verified) + other_tokens
-        t_spec, t_plain = cost.step_seconds(np.array([b_spec, R + other_tokens], dtype=np.int64)).tolist()
+        tau = self.tau or 1.0
+        b_spec = R + round(R * self.verified)
+        t_spec, t_plain = cost.step_seconds(np.array([b_spec, R], dtype=np.int64)).tolist()
         t_plain -= cost.draft_s  # the plain step runs no drafter
-        speculative = R * (self.tau or 1.0) / t_spec
-        if other_tokens == 0 and key in self.spec_rate:
-            speculative = R * self.spec_rate[key]
-        return speculative, R / t_plain
+        if key in self.spec_rate:
+            t_spec = tau / self.spec_rate[key]
+        if key in self.plain_rate:
+            t_plain = 1.0 / self.plain_rate[key]
+        t_spec += cost.extra_seconds(b_spec, other_tokens)
+        t_plain += cost.extra_seconds(R, other_tokens)
+        return R * tau / t_spec, R / t_plain
 
     def should_draft(self, num_requests: int, other_tokens: int, cost: StepCost) -> bool:
         if self.tau is None:
@@ -117,6 +127,6 @@ class BreakEvenGuard:
             return phase >= self.probe_every - 2  # probe: the last two steps of each cycle draft
         key = bucket(num_requests)
         stale = self.step - self.plain_seen.get(key, -self.refresh_steps) >= self.refresh_steps
-        if other_tokens == 0 and key in self.spec_rate and stale:
+        if key in self.spec_rate and stale:
             return phase >= 2  # explore: the first two steps of the cycle decode plainly
         return True

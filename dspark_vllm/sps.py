@@ -228,6 +228,13 @@ class StepCost:
         overhead = 0.0 if self.corrections is None else self.corrections.overhead_s
         return 1.0 / self.profile.sps_array(tokens) + overhead + self.draft_s
 
+    def extra_seconds(self, base: int, extra: int) -> float:
+        """The profile's marginal cost of `extra` more tokens in a forward of `base`."""
+        if extra <= 0:
+            return 0.0
+        t = 1.0 / self.profile.sps_array(np.array([base, base + extra], dtype=np.int64))
+        return max(0.0, float(t[1] - t[0]))
+
     def sps_array(self, tokens: np.ndarray) -> np.ndarray:
         return 1.0 / self.step_seconds(tokens)
 

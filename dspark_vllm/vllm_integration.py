@@ -704,6 +704,16 @@ def sampling_rows(sampling_metadata, num_reqs: int, vocab_size: int) -> Sampling
     return SamplingRows(temp, top_k, top_p, min_p, bias)
 
 
+def other_token_count(scheduler_output, decoding: list[str]) -> int:
+    """Scheduled tokens of a step other than the decode tokens (1 + the drafts they
+    verify) of the `decoding` requests: prefill chunks, including the prompt of a
+    request whose prefill ends in this step (it samples, so it is decoding, but its
+    prompt is no decode token)."""
+    scheduled, spec = scheduler_output.num_scheduled_tokens, scheduler_output.scheduled_spec_decode_tokens
+    decode = sum(min(scheduled.get(r, 0), 1 + len(spec.get(r, ()))) for r in decoding)
+    return scheduler_output.total_num_scheduled_tokens - decode
+
+
 class DSparkRunnerMixin:
     """Overrides on vLLM's V1 GPUModelRunner / CPUModelRunner."""
 
@@ -836,8 +846,7 @@ class DSparkRunnerMixin:
         gid, _ = self._dspark_group()
         table = self.input_batch.block_table[gid]
         rows, anchors, anchor_pos = self._dspark_anchors(sampled_token_ids, num_reqs, table)
-        scheduled = scheduler_output.num_scheduled_tokens
-        other_tokens = n - sum(scheduled.get(req_ids[i], 0) for i in rows)
+        other_tokens = other_token_count(scheduler_output, [req_ids[i] for i in rows])
         drafts: list[list[int]] = [[] for _ in range(num_reqs)]
         drafter.round = None
         if not rows or not drafter.should_draft(len(rows), other_tokens):
@@ -931,10 +940,12 @@ class DSparkRunnerMixin:
                 target_s = 1.0 / drafter.profile.sps(num_scheduled_tokens)
                 drafter.learned.observe(num_scheduled_tokens, target_s, measured - draft_s + (gap or 0.0), draft_s,
                                         drafter.profile.draft_seconds(num_drafting))
-            if drafter.guard is not None and other_tokens == 0:
+            if drafter.guard is not None and cost is not None:
                 emitted = drafter.step_emitted
+                other_s = cost.extra_seconds(num_scheduled_tokens - other_tokens, other_tokens)
                 drafter.guard.observe_step(num_decoding, emitted is not None, num_drafting > 0,
-                                           num_decoding if emitted is None else emitted, measured + (gap or 0.0))
+                                           num_decoding if emitted is None else emitted, measured + (gap or 0.0),
+                                           other_s)
         drafter.stats.record_step(num_drafting, drafter.num_tokens, budget, measured, predicted)
         drafter.step_emitted = None
         self._dspark_step_start, self._dspark_step_end = None, now

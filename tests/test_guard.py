@@ -75,13 +75,56 @@ def test_measured_rates_decide_where_the_profile_is_wrong():
     decisions = [guard.should_draft(64, 0, wide) for _ in range(2 * guard.probe_every)]
     assert decisions.count(True) == 4  # skip, probing two drafting steps per cycle
     assert guard.should_draft(1, 0, StepCost(profile, draft_s=profile.draft_seconds(1)))  # another bucket: model
-    assert guard.should_draft(64, 512, wide)  # a prefill chunk shares the step: the model decides
+    # A prefill chunk in the step costs what the profile says it adds, both ways: nothing
+    # on the flat curve, so the measured rates still decide.
+    assert guard.rates(64, 512, wide) == pytest.approx((64 * 2.7 / 0.020, 64 / 0.006))
+    assert not guard.should_draft(64, 512, wide)
     # a measured plain rate is refreshed after refresh_steps decisions, not before
     guard.plain_rate[7] = 1.0  # (pretend plain is slow now: drafting pays)
     fresh = [guard.should_draft(64, 0, wide) for _ in range(guard.probe_every)]
     assert all(fresh)
     guard.step += guard.refresh_steps
     assert [guard.should_draft(64, 0, wide) for _ in range(guard.probe_every)].count(False) == 2
+
+
+def test_other_tokens_cost_the_profile_margin_both_ways():
+    """Measured rates hold for the decoding requests alone; tokens of other requests in
+    the step (prefill chunks) add the profile's marginal cost T(B + other) - T(B) to
+    each way. On the steep curve (1 ms per token) a 512-token chunk adds 512 ms to both,
+    and then 2.7 tokens per request per step beat 1: the drafting step's extra 6 ms
+    no longer matter."""
+    profile = synthetic_profile("steep", 2048)
+    wide = StepCost(profile, draft_s=profile.draft_seconds(64))
+    guard = seen(tau=2.7, verified=5.0)
+    tau = guard.tau  # 2.75: what seen() could record with 4 requests
+    guard.spec_rate[7], guard.plain_rate[7] = tau / 0.020, 1 / 0.006
+    assert not guard.should_draft(64, 0, wide)
+    extra_spec = wide.extra_seconds(64 + 320, 512)
+    extra_plain = wide.extra_seconds(64, 512)
+    assert 0.4 < extra_spec < 0.7 and 0.4 < extra_plain < 0.7  # 512 ms, to the profile's grid
+    speculative, plain = guard.rates(64, 512, wide)
+    assert speculative == pytest.approx(64 * tau / (0.020 + extra_spec))
+    assert plain == pytest.approx(64 / (0.006 + extra_plain))
+    assert guard.should_draft(64, 512, wide)
+    # A measured step that carried such a chunk: its profile cost is taken out first.
+    fresh = seen(tau=2.7, verified=5.0)
+    fresh.observe_step(64, verified=False, drafted=False, emitted=64, seconds=0.006 + extra_plain,
+                       other_s=extra_plain)
+    assert fresh.plain_rate[7] == pytest.approx(1 / 0.006)
+
+
+def test_a_finished_prompt_is_not_decode_work():
+    """other_token_count: a request whose prefill ends in this step samples (so it may
+    draft) but its prompt chunk counts as other tokens; a decoding request brings one
+    token plus the drafts it verifies."""
+    from types import SimpleNamespace
+
+    from dspark_vllm.vllm_integration import other_token_count
+
+    out = SimpleNamespace(num_scheduled_tokens={"a": 8, "b": 1, "new": 300, "chunk": 500},
+                          scheduled_spec_decode_tokens={"a": [5] * 7}, total_num_scheduled_tokens=809)
+    assert other_token_count(out, ["a", "b", "new"]) == 299 + 500
+    assert other_token_count(out, ["a", "b", "new", "chunk"]) == 299 + 499
 
 
 def test_probing_resumes_drafting():
