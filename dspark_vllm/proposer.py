@@ -13,7 +13,7 @@ from dataclasses import dataclass
 import torch
 
 from .model.dspark import AttendFn, DSparkDraftModel, dense_block_attention
-from .sampling import SamplingRows, process_logits, sample
+from .sampling import SamplingRows, greedy_tokens, process_logits, sample
 
 
 @dataclass
@@ -59,7 +59,7 @@ def draft_block(
         if head is not None:
             bias, state = head.step(prev, hidden[:, k], state)
             logits = logits + bias  # float32 base + model-dtype bias -> float32
-        token = logits.argmax(-1)
+        token = greedy_tokens(logits)
         if sampled:
             q = process_logits(logits, sampling).softmax(-1)
             token = torch.where(greedy, token, sample(q, generators))

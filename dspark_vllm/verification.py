@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import torch
 
-from .sampling import exponential_noise, race_sample  # noqa: F401  (race_sample is part of this API)
+from .sampling import exponential_noise, greedy_tokens, race_sample  # noqa: F401  (race_sample is part of this API)
 
 PLACEHOLDER = -1
 RESIDUAL_EPS = 1e-12
@@ -135,7 +135,7 @@ def verify(
     rows = torch.arange(total, device=device) + req  # target row scoring each draft
 
     # Accept tests for every draft position at once.
-    argmax = target_logits.argmax(-1)
+    argmax = greedy_tokens(target_logits)
     lse = torch.logsumexp(target_logits.float(), -1)
     p_x = (target_logits[rows, x.clamp(min=0)].float() - lse[rows]).exp()
     q_x = _draft_q_at(draft_probs, x)
@@ -171,13 +171,13 @@ def verify_greedy(target_logits: torch.Tensor, draft_token_ids: torch.Tensor, nu
     then the argmax of the first mismatching row (or of the bonus row) is emitted.
 
     Same layout and output as verify(); num_draft is a tensor here and max_len its
-    maximum. One argmax over the vocabulary is the only pass over the logits (no
+    maximum. One max over the vocabulary is the only pass over the logits (no
     float32 copies, no softmax), which is what makes greedy verification cheap.
     """
     device = target_logits.device
     nd = num_draft.to(device=device, dtype=torch.long)
     n, total = nd.shape[0], draft_token_ids.shape[0]
-    argmax = target_logits.argmax(-1)
+    argmax = greedy_tokens(target_logits)
     if total == 0:  # no request drafted: each has only its bonus row
         return argmax.view(n, 1)
     first = torch.cumsum(nd, 0) - nd  # index of each request's first draft

@@ -304,3 +304,16 @@ def test_empty_batch_and_bf16():
     out = verify(logits.bfloat16(), drafts, [2, 0, 3], torch.tensor([False, True, False]), probs.bfloat16())
     assert out.shape == (3, 4) and out.dtype == torch.int64
     assert ((out >= 0) | (out == PLACEHOLDER)).all() and (out[:, 0] >= 0).all()
+
+
+def test_greedy_tokens_is_argmax_with_its_tie_rule():
+    """greedy_tokens (torch.max's indices, faster on the CPU) picks argmax's token, the
+    first maximum, also on rows full of ties, in float32 and bf16."""
+    from dspark_vllm.sampling import greedy_tokens
+
+    gen = torch.Generator().manual_seed(0)
+    for dtype in (torch.float32, torch.bfloat16):
+        tied = torch.randint(0, 3, (512, 64), generator=gen).to(dtype)
+        smooth = torch.randn(512, 2048, generator=gen).to(dtype)
+        for x in (tied, smooth):
+            assert torch.equal(greedy_tokens(x), x.argmax(-1))
