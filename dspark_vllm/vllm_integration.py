@@ -846,7 +846,8 @@ class DSparkRunnerMixin:
         gid, _ = self._dspark_group()
         table = self.input_batch.block_table[gid]
         rows, anchors, anchor_pos = self._dspark_anchors(sampled_token_ids, num_reqs, table)
-        other_tokens = other_token_count(scheduler_output, [req_ids[i] for i in rows])
+        round_ids = [req_ids[i] for i in rows]
+        other_tokens = other_token_count(scheduler_output, round_ids)
         drafts: list[list[int]] = [[] for _ in range(num_reqs)]
         drafter.round = None
         if not rows or not drafter.should_draft(len(rows), other_tokens):
@@ -883,7 +884,6 @@ class DSparkRunnerMixin:
         tokens = tokens_h.tolist()
         for j, (i, L) in enumerate(zip(rows, lengths.tolist())):
             drafts[i] = tokens[j][:L]
-        round_ids = [req_ids[i] for i in rows]
         survival = None if confidences_h is None else confidences_h.numpy().cumprod(-1)
         drafter.round = DraftRound(round_ids, anchors, anchor_pos, out.tokens, survival, out.confidence_logits)
         drafter.recent_rounds.append(drafter.round)
@@ -1156,8 +1156,9 @@ class DSparkRejectionSampler(RejectionSampler):
             # one row per request, sampled exactly as plain decoding samples it.
             return self.sampler(logits=logits, sampling_metadata=sampling_metadata)
         if _argmax_decides(sampling_metadata):
-            # The common case: one argmax over the rows (vLLM's path below copies the
-            # target rows to float32 twice first: 1.3 ms of a 64-request step here).
+            # The common case: one max over the rows (vLLM's path below copies the target
+            # rows to float32 twice and runs its kernel emulation: 1.46 ms of a 64-request
+            # step here, against 0.8 ms).
             nd = torch.diff(metadata.cu_num_draft_tokens, prepend=metadata.cu_num_draft_tokens.new_zeros(1))
             out = verify_greedy(logits, metadata.draft_token_ids, nd, metadata.max_spec_len)
             result = SamplerOutput(sampled_token_ids=out.to(torch.int32), logprobs_tensors=None)
