@@ -317,3 +317,37 @@ def test_greedy_tokens_is_argmax_with_its_tie_rule():
         smooth = torch.randn(512, 2048, generator=gen).to(dtype)
         for x in (tied, smooth):
             assert torch.equal(greedy_tokens(x), x.argmax(-1))
+
+
+def test_the_fast_greedy_path_is_taken_only_when_the_raw_argmax_decides():
+    """_argmax_decides routes a batch to verify_greedy: all greedy, and no penalty, bad word,
+    allowed-token mask, active logit bias or min-tokens, other logits processor or logprobs."""
+    from types import SimpleNamespace
+
+    import torch
+    from vllm.v1.sample.logits_processor import LogitBiasLogitsProcessor, MinTokensLogitsProcessor
+
+    from dspark_vllm.vllm_integration import _argmax_decides
+
+    bias = LogitBiasLogitsProcessor(None, torch.device("cpu"), False)
+    min_tokens = MinTokensLogitsProcessor(None, torch.device("cpu"), False)
+
+    def metadata(**changes):
+        plain = dict(all_greedy=True, no_penalties=True, allowed_token_ids_mask=None, bad_words_token_ids={},
+                     max_num_logprobs=None, logprob_token_ids=None,
+                     logitsprocs=SimpleNamespace(non_argmax_invariant=[bias, min_tokens]))
+        return SimpleNamespace(**{**plain, **changes})
+
+    assert _argmax_decides(metadata())  # idle bias and min-tokens processors move nothing
+    assert not _argmax_decides(metadata(all_greedy=False))
+    assert not _argmax_decides(metadata(no_penalties=False))
+    assert not _argmax_decides(metadata(allowed_token_ids_mask=torch.zeros(1, 4, dtype=torch.bool)))
+    assert not _argmax_decides(metadata(bad_words_token_ids={0: [[5]]}))
+    assert not _argmax_decides(metadata(max_num_logprobs=0))
+    assert not _argmax_decides(metadata(logprob_token_ids={0: [1]}))
+    assert not _argmax_decides(metadata(logitsprocs=SimpleNamespace(non_argmax_invariant=[object()])))
+    bias.biases[0] = {3: 1.0}
+    assert not _argmax_decides(metadata())
+    bias.biases.clear()
+    min_tokens.min_toks[0] = (4, [], {7}, False)
+    assert not _argmax_decides(metadata())
