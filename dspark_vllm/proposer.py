@@ -54,11 +54,11 @@ def draft_block(
     head = model.markov_head
     state = head.init_state(B, hidden) if head is not None else None
     prev, drafted = anchors, []
+    base_k, hidden_k = base.unbind(1), hidden.unbind(1)
     for k in range(num_tokens):
-        logits = sampling.add_bias(base[:, k])
+        logits = sampling.add_bias(base_k[k])
         if head is not None:
-            bias, state = head.step(prev, hidden[:, k], state)
-            logits = logits + bias  # float32 base + model-dtype bias -> float32
+            logits, state = head.add_to(logits, prev, hidden_k[k], state)  # float32
         token = greedy_tokens(logits)
         if sampled:
             q = process_logits(logits, sampling).softmax(-1)

@@ -109,7 +109,31 @@ class DecoderLayer(nn.Module):
         self.mlp = MLP(cfg)
 
 
-class VanillaMarkovHead(nn.Module):
+class MarkovHead(nn.Module):
+    """Shared by both heads: slot k's bias is W2(x_k) for a rank-r vector x_k of the
+    previous token (and, for the RNN head, of the state); `low_rank` computes x_k."""
+
+    def step(self, prev_tokens, hidden, state):
+        """Bias [B, V] (model dtype) for the next slot, and the new state (training's form)."""
+        x, state = self.low_rank(prev_tokens, hidden, state)
+        return self.markov_w2(x), state
+
+    def add_to(self, logits: torch.Tensor, prev_tokens, hidden, state):
+        """Inference's form of `logits + step(...)`: one addmm in the logits' dtype
+        (float32), W2 cast once per weight version. Fewer, cheaper ops than a model-dtype
+        GEMM and a mixed-dtype add, in the sequential loop that runs every drafting round."""
+        x, state = self.low_rank(prev_tokens, hidden, state)
+        return torch.addmm(logits, x.to(logits.dtype), self._w2_transposed(logits.dtype)), state
+
+    def _w2_transposed(self, dtype: torch.dtype) -> torch.Tensor:
+        w = self.markov_w2.weight
+        key = (w.data_ptr(), w._version, w.device, dtype)  # _version moves on in-place updates
+        if getattr(self, "_w2t_key", None) != key:
+            self._w2t, self._w2t_key = w.detach().to(dtype).t().contiguous(), key  # [r, V], row-major
+        return self._w2t
+
+
+class VanillaMarkovHead(MarkovHead):
     """First-order token-to-token bias W2(W1[x_{k-1}]) (paper eq. 5)."""
 
     def __init__(self, cfg: DSparkConfig):
@@ -120,12 +144,11 @@ class VanillaMarkovHead(nn.Module):
     def init_state(self, batch: int, like: torch.Tensor):
         return None
 
-    def step(self, prev_tokens, hidden, state):
-        """Bias [B, V] (model dtype) for the next slot given the previous token; state unused."""
-        return self.markov_w2(self.markov_w1(prev_tokens)), state
+    def low_rank(self, prev_tokens, hidden, state):
+        return self.markov_w1.weight[prev_tokens], state  # = markov_w1(prev_tokens), without a module call
 
 
-class RNNMarkovHead(nn.Module):
+class RNNMarkovHead(MarkovHead):
     """Gated recurrent head (paper eq. 6): the state carries the block's history.
 
     z_k = [s_{k-1}; W1[x_{k-1}]; h_k]; s_k = g*s_{k-1} + (1-g)*tanh(c);
@@ -142,12 +165,11 @@ class RNNMarkovHead(nn.Module):
     def init_state(self, batch: int, like: torch.Tensor):
         return like.new_zeros(batch, self.markov_w1.embedding_dim)
 
-    def step(self, prev_tokens, hidden, state):
+    def low_rank(self, prev_tokens, hidden, state):
         z = torch.cat([state, self.markov_w1(prev_tokens), hidden.to(state.dtype)], dim=-1)
         gate, cand, out = self.joint_proj(z).chunk(3, dim=-1)
         g = torch.sigmoid(gate)
-        new_state = g * state + (1 - g) * torch.tanh(cand)
-        return self.markov_w2(torch.tanh(out)), new_state
+        return torch.tanh(out), g * state + (1 - g) * torch.tanh(cand)
 
 
 class ConfidenceHead(nn.Module):
