@@ -458,7 +458,9 @@ class DSparkProposer:
         """Run the draft's linear layers, RMSNorms and rotary embedding through vLLM's
         CPU kernels: packed GEMMs (oneDNN / AMX, about 3x torch's bf16 linear at decode
         sizes, same results), its RMSNorm (5x torch's bf16 rms_norm, same results) and
-        its rotary op (q and k in place, 3x). The modules stay the ones training and
+        its rotary op (q and k in place, 3x). Projections that share an input run as one
+        GEMM, as in vLLM's own layers: Q/K/V (the block), K/V (the context writes) and
+        gate/up, with vLLM's silu-and-mul. The modules stay the ones training and
         the dense reference run; only their kernels change. A shared LM head uses the
         target's packed copy instead of packing the vocabulary twice."""
         from vllm import _custom_ops as ops
@@ -466,11 +468,21 @@ class DSparkProposer:
 
         from .model.dspark import RMSNorm
 
+        # Kept unpacked: projections that run fused, and the Markov head's W2 (MarkovHead.add_to).
+        unpacked = {self.model.markov_head.markov_w2} if self.model.markov_head is not None else set()
+        for layer in self.model.layers:
+            attn, mlp = layer.self_attn, layer.mlp
+            q, k, v = attn.q_proj.out_features, attn.k_proj.out_features, attn.v_proj.out_features
+            attn.project_qkv = _fused_cpu_linear([attn.q_proj, attn.k_proj, attn.v_proj], [q, k, v])
+            attn.project_kv = _fused_cpu_linear([attn.k_proj, attn.v_proj], [k, v])
+            gate_up = _fused_cpu_linear([mlp.gate_proj, mlp.up_proj])
+            mlp.forward = lambda x, f=gate_up, down=mlp.down_proj: down(_vllm_silu_and_mul(f(x)))
+            unpacked |= {attn.q_proj, attn.k_proj, attn.v_proj, mlp.gate_proj, mlp.up_proj}
         target_head = getattr(target_model, "lm_head", None)
         for name, module in self.model.named_modules():
             if isinstance(module, RMSNorm):
                 module.forward = functools.partial(_vllm_rms_norm, ops, module)
-            if not isinstance(module, torch.nn.Linear):
+            if not isinstance(module, torch.nn.Linear) or module in unpacked:
                 continue
             if name == "lm_head" and "lm_head" in self.shared and hasattr(target_head, "cpu_linear"):
                 vocab = module.weight.shape[0]
@@ -569,6 +581,29 @@ class DSparkProposer:
         if self.guard is not None:
             self.guard.observe(int((nd > 0).sum()), int(nd.sum()), int(accepted.sum()))
         self.step_emitted = int(accepted.sum()) + len(nd)  # this step's output tokens, for the guard
+
+
+def _fused_cpu_linear(linears: list[torch.nn.Linear], split: list[int] | None = None):
+    """x -> cat([l(x) for l in linears], -1) as one vLLM packed GEMM (the way vLLM's own
+    QKV and gate-up layers run), or its `split` views; the separate layers stay for
+    training and the reference."""
+    from vllm.model_executor.layers.utils import dispatch_cpu_unquantized_gemm
+
+    fused = torch.nn.Module()
+    fused.weight = torch.nn.Parameter(torch.cat([lin.weight for lin in linears]), requires_grad=False)
+    has_bias = linears[0].bias is not None
+    fused.bias = torch.nn.Parameter(torch.cat([lin.bias for lin in linears]), requires_grad=False) if has_bias else None
+    dispatch_cpu_unquantized_gemm(fused, remove_weight=True)  # packed: drops the copy (torch fallback: keeps it)
+    if split is None:
+        return lambda x: fused.cpu_linear(x, fused.weight, fused.bias)
+    return lambda x: fused.cpu_linear(x, fused.weight, fused.bias).split(split, dim=-1)
+
+
+def _vllm_silu_and_mul(gate_up: torch.Tensor) -> torch.Tensor:
+    """silu(gate) * up of [..., 2I] in one vLLM kernel (MLP.forward's gate and up, fused)."""
+    out = gate_up.new_empty(*gate_up.shape[:-1], gate_up.shape[-1] // 2)
+    torch.ops._C.silu_and_mul(out, gate_up)
+    return out
 
 
 def _vllm_rms_norm(ops, norm, x: torch.Tensor) -> torch.Tensor:

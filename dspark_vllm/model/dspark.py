@@ -74,17 +74,25 @@ class Attention(nn.Module):
         self.q_norm = RMSNorm(hd, cfg.rms_norm_eps)
         self.k_norm = RMSNorm(hd, cfg.rms_norm_eps)
 
+    # The projections; serving swaps in one fused GEMM for each (vllm_integration.py).
+    def project_qkv(self, x: torch.Tensor):
+        return self.q_proj(x), self.k_proj(x), self.v_proj(x)
+
+    def project_kv(self, x: torch.Tensor):
+        return self.k_proj(x), self.v_proj(x)
+
     def keys_values(self, x: torch.Tensor, rotary: Rotary):
         """K [T, Hkv, hd] (normed, rotated) and V [T, Hkv, hd] of x [T, d]."""
-        k = self.k_norm(self.k_proj(x).view(-1, self.num_kv_heads, self.head_dim))
-        v = self.v_proj(x).view(-1, self.num_kv_heads, self.head_dim)
-        return rotary.apply(k), v
+        k, v = self.project_kv(x)
+        k = self.k_norm(k.view(-1, self.num_kv_heads, self.head_dim))
+        return rotary.apply(k), v.view(-1, self.num_kv_heads, self.head_dim)
 
     def queries_keys_values(self, x: torch.Tensor, rotary: Rotary):
         """Q [T, H, hd], K, V [T, Hkv, hd] of x [T, d]; Q and K rotated in one go."""
-        q = self.q_norm(self.q_proj(x).view(-1, self.num_heads, self.head_dim))
-        k = self.k_norm(self.k_proj(x).view(-1, self.num_kv_heads, self.head_dim))
-        v = self.v_proj(x).view(-1, self.num_kv_heads, self.head_dim)
+        q, k, v = self.project_qkv(x)
+        q = self.q_norm(q.view(-1, self.num_heads, self.head_dim))
+        k = self.k_norm(k.view(-1, self.num_kv_heads, self.head_dim))
+        v = v.view(-1, self.num_kv_heads, self.head_dim)
         q, k = rotary.apply(torch.cat([q, k], dim=1)).split([self.num_heads, self.num_kv_heads], dim=1)
         return q, k, v
 
