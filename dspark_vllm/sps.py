@@ -130,7 +130,19 @@ class SPSProfile(BaseModel):
         return torch.from_numpy(self.sps_array(tokens.to(device="cpu", dtype=torch.long).numpy()))
 
     def sps_array(self, b: np.ndarray) -> np.ndarray:
-        """`sps_many` on int64 numpy arrays (a few microseconds: the per-step lookups use it)."""
+        """`sps_many` on int64 numpy arrays. The policies, the guard and the step accounting
+        look it up several times per engine step: within the measured range, an index into
+        the curve at every batch size, built once (3 us against 18 us for evaluating it)."""
+        dense = self._dense
+        if b.size and b.min() >= 0 and b.max() < len(dense):
+            return dense[b]
+        return self._curve(b)
+
+    @functools.cached_property
+    def _dense(self) -> np.ndarray:
+        return self._curve(np.arange(self.max_tokens + 1))
+
+    def _curve(self, b: np.ndarray) -> np.ndarray:
         sizes, sps = self._columns
         idx = np.minimum(np.searchsorted(sizes, b), len(sizes) - 1)
         inside = sps[idx]
