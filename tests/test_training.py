@@ -127,6 +127,30 @@ def test_training_forward_equals_draft_block(hf_data, fixture_paths, head):
                 torch.testing.assert_close(pred.confidence_logits.sigmoid(), drafts.confidences, atol=1e-6, rtol=0)
 
 
+@pytest.mark.parametrize("head_type", ["vanilla", "rnn"])
+def test_markov_head_inference_form_follows_weight_updates(head_type):
+    """add_to (drafting's one-addmm form) equals logits + step (training's form), also
+    after an optimizer-style in-place update of W2 (its cached cast must not go stale)."""
+    from dspark_vllm.model.config import DSparkConfig
+    from dspark_vllm.model.dspark import RNNMarkovHead, VanillaMarkovHead
+
+    cfg = DSparkConfig(hidden_size=16, num_attention_heads=2, num_key_value_heads=1, head_dim=8,
+                       intermediate_size=32, num_hidden_layers=1, vocab_size=50, block_size=4,
+                       markov_rank=4, markov_head_type=head_type, target_layer_ids=(0,), num_target_layers=2,
+                       mask_token_id=3)
+    head = (RNNMarkovHead if head_type == "rnn" else VanillaMarkovHead)(cfg).to(torch.bfloat16)
+    logits, prev, hidden = torch.randn(3, 50), torch.tensor([1, 7, 49]), torch.randn(3, 16, dtype=torch.bfloat16)
+    state = head.init_state(3, hidden)
+    for _ in range(2):
+        with torch.no_grad():
+            bias, expect_state = head.step(prev, hidden, state)
+            got, got_state = head.add_to(logits, prev, hidden, state)
+            torch.testing.assert_close(got, logits + bias.float(), atol=2e-2, rtol=1e-2)  # bf16 bias rounding
+            if state is not None:
+                torch.testing.assert_close(got_state, expect_state)
+            head.markov_w2.weight.mul_(-3.0)  # in place, as an optimizer step
+
+
 def test_block_labels_and_mask():
     from dspark_vllm.training.blocks import anchor_candidates, block_attention_mask, block_labels
 
