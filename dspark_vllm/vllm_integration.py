@@ -820,12 +820,10 @@ class DSparkRunnerMixin:
         last_anchor = np.minimum(table.num_blocks_per_row[:num_reqs] * table.block_size,
                                  self.max_model_len) - gamma  # the block must fit behind the anchor
         positions = self.input_batch.num_tokens_no_spec[:num_reqs] - 1
-        rows, anchors = [], []
-        for i, toks in enumerate(sampled_token_ids[:num_reqs]):
-            if toks and positions[i] <= last_anchor[i]:
-                rows.append(i)
-                anchors.append(toks[-1])
-        return rows, anchors, positions[rows]
+        last = np.fromiter((toks[-1] if toks else -1 for toks in sampled_token_ids[:num_reqs]),
+                           dtype=np.int64, count=num_reqs)  # -1: sampled nothing (mid-prefill)
+        rows = np.flatnonzero((last >= 0) & (positions <= last_anchor))
+        return rows.tolist(), last[rows].tolist(), positions[rows]
 
     @torch.inference_mode()
     def propose_draft_token_ids(self, scheduler_output, sampled_token_ids, sampling_metadata, *args):
