@@ -95,7 +95,7 @@ def prefix_survival(confidences, max_len: int, num_reqs: int, policy: str) -> np
         )
     c = confidences[:, :max_len]
     c = c.detach().to("cpu", torch.float64).numpy() if isinstance(c, torch.Tensor) else np.asarray(c, np.float64)
-    return np.fmin(np.fmax(c, 0.0), 1.0).cumprod(-1)  # fmax maps NaN to 0 (np.clip: 4x slower)
+    return np.fmin(np.fmax(c, 0.0), 1.0).cumprod(-1)  # fmax maps NaN to 0; 2 us vs 12 for nan_to_num + clip
 
 
 def candidates(survival: np.ndarray):
