@@ -4,6 +4,7 @@ policy, and vLLM's built-in n-gram speculation, on the same prompts and engine s
     python scripts/bench_speed.py --target T --draft D --prompts P.jsonl \
         --concurrency 1,4,16,64 --json OUT.json [--plot OUT.png] [--policies fixed,sync,async]
         [--calibration CAL.json] [--max-tokens 128] [--num-prompts 64] [--raw] [--dtype auto]
+        [--repeats 3]
 
 One engine (AsyncLLM, in this process) per row: `plain`, `dspark-<policy>` and
 `ngram`. At concurrency c, c clients take the prompts from one queue, one
@@ -11,7 +12,8 @@ request at a time, until every prompt was answered (so each level does the
 same work; c=1 is requests one by one, c=64 about one batch). Per row and c:
 
   output_tokens_per_s   generated tokens / wall time of the level
-  ratio_to_plain        output_tokens_per_s / plain's at the same c
+  ratio_to_plain        output_tokens_per_s / plain's at the same c (and round)
+  ratio_range           lowest and highest ratio over the rounds (--repeats)
   tau                   tokens emitted per drafting request and round, bonus
                         included (DSpark: the plugin's counters; ngram: vLLM's)
   drafting_step_fraction  share of engine steps in which the drafter ran
@@ -19,6 +21,11 @@ same work; c=1 is requests one by one, c=64 about one batch). Per row and c:
   identical_to_plain    greedy: every answer equals plain decoding's (null when sampling)
   answers_differing, first_difference_at   greedy: how many answers differ from plain
                         decoding's, and at which token each first does
+
+With --repeats N every engine runs N times, every other round in reverse
+order; a row reports the median (speed, ratio) and keeps each round's row in
+`rounds`. On shared cores the host's speed drifts by tens of percent over
+minutes, so one round's ratios can mislead; the range shows how far.
 
 The model's own dtype by default (`--dtype auto`: what users run, bf16 for
 the default pair).
@@ -29,6 +36,7 @@ import asyncio
 import gc
 import json
 import os
+import statistics
 import sys
 import time
 import uuid
@@ -54,6 +62,8 @@ def parse_args(argv=None):
     ap.add_argument("--max-model-len", type=int, default=1024)
     ap.add_argument("--raw", action="store_true", help="prompts are raw text (base/code model)")
     ap.add_argument("--dtype", default="auto", help="engine dtype (default: the checkpoint's)")
+    ap.add_argument("--repeats", type=int, default=1,
+                    help="rounds of every engine (alternating order); rows report the median and range")
     ap.add_argument("--cuda-graphs", action="store_true",
                     help="let vLLM compile and capture CUDA graphs (default: enforce_eager, as on the CPU)")
     return ap.parse_args(argv)
@@ -149,6 +159,40 @@ def load_prompts(target: str, path: str, limit: int, raw: bool) -> list[list[int
     return [prompt_token_ids(tok, t, raw) for t in load_turns(path, limit)]
 
 
+def compare_to_plain(results: list[dict], answers: dict, temperature: float) -> None:
+    """Each row's speed relative to plain decoding at the same c in the same round, and
+    (greedy) how often and where its answers depart from plain decoding's (bf16 near-ties)."""
+    plain = {r["concurrency"]: r["output_tokens_per_s"] for r in results if r["engine"] == "plain"}
+    for r in results:
+        r["ratio_to_plain"] = r["output_tokens_per_s"] / plain[r["concurrency"]]
+        if temperature == 0:
+            mine, plain_answers = answers[r["engine"]][r["concurrency"]], answers["plain"][r["concurrency"]]
+            r["identical_to_plain"] = mine == plain_answers
+            diverged = [first_difference(mine[i], plain_answers[i]) for i in plain_answers]
+            r["answers_differing"] = sum(d is not None for d in diverged)
+            r["first_difference_at"] = sorted(d for d in diverged if d is not None)
+
+
+def combine_rounds(rounds: list[list[dict]]) -> list[dict]:
+    """One row per engine and c: the median round's speed and ratio (each ratio taken
+    within its round), the range of the ratio over rounds, and every round's rows."""
+    combined = []
+    for first in rounds[0]:
+        same = [r for rows in rounds for r in rows
+                if (r["engine"], r["concurrency"]) == (first["engine"], first["concurrency"])]
+        ratios = sorted(r["ratio_to_plain"] for r in same)
+        row = dict(sorted(same, key=lambda r: r["ratio_to_plain"])[(len(same) - 1) // 2])
+        row["output_tokens_per_s"] = statistics.median(r["output_tokens_per_s"] for r in same)
+        row["ratio_to_plain"] = statistics.median(ratios)
+        row["ratio_range"] = [ratios[0], ratios[-1]]
+        if "identical_to_plain" in first:
+            row["identical_to_plain"] = all(r["identical_to_plain"] for r in same)
+            row["answers_differing"] = max(r["answers_differing"] for r in same)
+        row["rounds"] = [{k: v for k, v in r.items() if k not in ("engine", "concurrency")} for r in same]
+        combined.append(row)
+    return combined
+
+
 def first_difference(a: list[int], b: list[int]) -> int | None:
     """Index of the first token where two answers differ (None: identical)."""
     for i, (x, y) in enumerate(zip(a, b)):
@@ -169,9 +213,13 @@ def plot(result, path):
         xs = [r["concurrency"] for r in rs]
         style = {"marker": "o", "linestyle": "--" if name in ("plain", "ngram") else "-"}
         axes[0].plot(xs, [r["output_tokens_per_s"] for r in rs], label=name, **style)
-        axes[1].plot(xs, [r["ratio_to_plain"] for r in rs], label=name, **style)
+        ratio = [r["ratio_to_plain"] for r in rs]
+        spread = [[m - r["ratio_range"][0] for m, r in zip(ratio, rs)], [r["ratio_range"][1] - m for m, r in zip(ratio, rs)]]
+        axes[1].errorbar(xs, ratio, yerr=spread, capsize=3, label=name, **style)
     axes[1].axhline(1.0, color="grey", linewidth=0.8)
-    for ax, title in zip(axes, ["output tokens/s", "speed relative to plain decoding"]):
+    rounds = len(result["results"][0]["rounds"])
+    for ax, title in zip(axes, ["output tokens/s" + (f" (median of {rounds} rounds)" if rounds > 1 else ""),
+                                "speed relative to plain decoding" + (" (bars: range)" if rounds > 1 else "")]):
         ax.set_xscale("log", base=2)
         ax.set_xlabel("concurrency")
         ax.set_title(title)
@@ -193,21 +241,18 @@ def main(argv=None):
         sys.exit(f"prompts {too_long[:5]} do not fit: raise --max-model-len or lower --max-tokens")
     levels = [int(x) for x in args.concurrency.split(",")]
     names = ["plain"] + [f"dspark-{p}" for p in args.policies.split(",") if p] + ([] if args.no_ngram else ["ngram"])
-    results, answers = [], {}
-    for name in names:
-        rows, got = asyncio.run(bench_engine(args, name, prompts, levels))
-        results += rows
-        answers[name] = got
-    plain = {r["concurrency"]: r["output_tokens_per_s"] for r in results if r["engine"] == "plain"}
-    for r in results:
-        r["ratio_to_plain"] = r["output_tokens_per_s"] / plain[r["concurrency"]]
-        if args.temperature == 0:
-            mine, plain_answers = answers[r["engine"]][r["concurrency"]], answers["plain"][r["concurrency"]]
-            r["identical_to_plain"] = mine == plain_answers
-            # How often (and where) greedy output departs from plain decoding (bf16 near-ties).
-            diverged = [first_difference(mine[i], plain_answers[i]) for i in plain_answers]
-            r["answers_differing"] = sum(d is not None for d in diverged)
-            r["first_difference_at"] = sorted(d for d in diverged if d is not None)
+    rounds = []
+    for i in range(args.repeats):
+        # Every other round runs the engines in reverse order, so that a host whose speed
+        # drifts over minutes (shared cores) biases no engine's ratio to plain one way.
+        results, answers = [], {}
+        for name in (names if i % 2 == 0 else names[::-1]):
+            rows, got = asyncio.run(bench_engine(args, name, prompts, levels))
+            results += rows
+            answers[name] = got
+        compare_to_plain(results, answers, args.temperature)
+        rounds.append(results)
+    results = combine_rounds(rounds)
     dtype = args.dtype if args.dtype != "auto" else str(AutoConfig.from_pretrained(args.target).dtype).removeprefix("torch.")
     out = {"target": args.target, "draft": args.draft, "prompts": args.prompts, "num_prompts": len(prompts),
            "max_tokens": args.max_tokens, "temperature": args.temperature, "dtype": dtype,
@@ -219,10 +264,12 @@ def main(argv=None):
         json.dump(out, f, indent=2)
     if args.plot:
         plot(out, args.plot)
-    print(f"{'engine':16s}" + "".join(f"  c={c:<6d}" for c in levels))
+    print(f"{'engine':16s}" + "".join(f"  c={c:<14d}" for c in levels))
     for name in names:
-        ratios = {r["concurrency"]: r["ratio_to_plain"] for r in results if r["engine"] == name}
-        print(f"{name:16s}" + "".join(f"  {ratios[c]:6.2f}x" for c in levels))
+        rows = {r["concurrency"]: r for r in results if r["engine"] == name}
+        print(f"{name:16s}" + "".join(f"  {rows[c]['ratio_to_plain']:5.2f}x "
+                                      f"({rows[c]['ratio_range'][0]:.2f}-{rows[c]['ratio_range'][1]:.2f})"
+                                      for c in levels))
     print(f"wrote {args.json}; greedy outputs identical to plain: {out['greedy_outputs_identical']}")
 
 

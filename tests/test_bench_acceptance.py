@@ -1,4 +1,5 @@
 """scripts/bench_acceptance.py end to end on the tiny fixtures (two real vLLM engines)."""
+import importlib.util
 import json
 import subprocess
 import sys
@@ -63,6 +64,7 @@ def test_bench_speed(fixture_paths, tmp_path):
         assert x["output_tokens_per_s"] > 0 and x["requests"] == 6 and x["tokens"] == 6 * 16
         assert x["ratio_to_plain"] == pytest.approx(x["output_tokens_per_s"] / rows[("plain", x["concurrency"])]
                                                     ["output_tokens_per_s"])
+        assert x["ratio_range"] == [x["ratio_to_plain"]] * 2 and len(x["rounds"]) == 1
         # One request at a time every answer equals plain decoding's. With 4 clients the
         # batches vLLM forms depend on timing, and vLLM's CPU path can flip a near-tie
         # between a multi-token verification step and a one-token step (README, Known
@@ -77,3 +79,25 @@ def test_bench_speed(fixture_paths, tmp_path):
         assert 0.0 < rows[("dspark-sync", c)]["drafting_step_fraction"] < 0.5
     assert r["dtype"] == "float32"  # the fixture's own dtype
     assert png.stat().st_size > 0
+
+
+def test_bench_speed_rounds_report_median_and_range():
+    """--repeats: each ratio is taken within its round (against that round's plain speed),
+    a row reports the median round and the range, and one differing answer in any round
+    makes the row differ."""
+    spec = importlib.util.spec_from_file_location("bench_speed", ROOT / "scripts" / "bench_speed.py")
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    rounds = []
+    for plain_speed, spec_speed, spec_answer in ((100, 180, [1, 2]), (50, 100, [1, 2]), (80, 120, [1, 3])):
+        rows = [{"engine": "plain", "concurrency": 1, "output_tokens_per_s": plain_speed, "tau": None},
+                {"engine": "dspark-sync", "concurrency": 1, "output_tokens_per_s": spec_speed, "tau": 3.0}]
+        answers = {"plain": {1: {0: [1, 2]}}, "dspark-sync": {1: {0: spec_answer}}}
+        bench.compare_to_plain(rows, answers, temperature=0.0)
+        rounds.append(rows)
+    plain, spec_row = bench.combine_rounds(rounds)
+    assert plain["ratio_to_plain"] == 1.0 and plain["ratio_range"] == [1.0, 1.0] and plain["output_tokens_per_s"] == 80
+    assert spec_row["ratio_to_plain"] == pytest.approx(1.8) and spec_row["ratio_range"] == pytest.approx([1.5, 2.0])
+    assert spec_row["output_tokens_per_s"] == 120 and len(spec_row["rounds"]) == 3
+    assert spec_row["identical_to_plain"] is False and spec_row["answers_differing"] == 1
+    assert [r["first_difference_at"] for r in spec_row["rounds"]] == [[], [], [1]]
