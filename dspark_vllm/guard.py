@@ -30,10 +30,7 @@ this is what lets the measurements decide at high load. Where the drafting
 rate is known but the plain one is not, or is older than `refresh_steps`, the
 guard skips two steps in a row to measure plain decoding (the profile plus a
 constant overhead learned on wide drafting steps underrates it: at 64 requests
-it predicted 13 ms for a plain step that takes 6.5 ms). A bucket met for the
-first time measures plain decoding at once, as soon as its drafting rate is
-known: a burst of 64 requests lasts some 35 drafting steps, and a guard that
-waited for its cycle decided half of them on the profile's guess.
+it predicted 13 ms for a plain step that takes 6.5 ms).
 
 Why it is lossless: the decision uses finished steps and the batch size only,
 and is taken before this step's drafts exist. Verifying no draft (the request
@@ -67,7 +64,6 @@ class BreakEvenGuard:
     plain_rate: dict[int, float] = field(default_factory=dict)  # bucket -> tokens / (request s), plain
     plain_seen: dict[int, int] = field(default_factory=dict)  # bucket -> decision count when last measured
     samples: dict[tuple[bool, int], int] = field(default_factory=dict)  # (drafting, bucket) -> steps measured
-    first_look: dict[int, int] = field(default_factory=dict)  # bucket -> plain steps taken to measure it first
 
     def _mean(self, table: dict[int, float], key: int, value: float, drafting: bool) -> None:
         """Running mean: the plain average of the first 1 / smoothing samples, then exponential.
@@ -130,12 +126,6 @@ class BreakEvenGuard:
         if speculative <= plain:
             return phase >= self.probe_every - 2  # probe: the last two steps of each cycle draft
         key = bucket(num_requests)
-        if key in self.spec_rate and key not in self.plain_rate and self.first_look.get(key, 0) < 2:
-            # A bucket met for the first time (a burst of requests): measure plain decoding
-            # at once, two steps in a row (the first one is a transition), rather than
-            # waiting up to a cycle while the profile's guess decides.
-            self.first_look[key] = self.first_look.get(key, 0) + 1
-            return False
         stale = self.step - self.plain_seen.get(key, -self.refresh_steps) >= self.refresh_steps
         if key in self.spec_rate and stale:
             return phase >= 2  # explore: the first two steps of the cycle decode plainly
