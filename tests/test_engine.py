@@ -44,6 +44,21 @@ def test_greedy_equals_plain_decoding(baseline, dspark, prompts):
     assert after["vllm:spec_decode_num_draft_tokens"] > before.get("vllm:spec_decode_num_draft_tokens", 0)
 
 
+def test_drafts_come_with_the_step_output(baseline, dspark, prompts):
+    """The worker sends each round's drafts with the step's output, so the engine core
+    never calls back for them (one round trip less per step), and the output is still
+    plain decoding's."""
+    from vllm import SamplingParams
+
+    [info] = dspark.collective_rpc("dspark_info")
+    before, fetches = spec_counters(dspark).get("vllm:spec_decode_num_draft_tokens", 0), info["draft_fetches"]
+    params = SamplingParams(temperature=0.0, max_tokens=32, ignore_eos=True)
+    assert generate_ids(dspark, prompts, params) == generate_ids(baseline, prompts, params)
+    assert spec_counters(dspark)["vllm:spec_decode_num_draft_tokens"] > before  # drafts reached the scheduler
+    [info] = dspark.collective_rpc("dspark_info")
+    assert info["draft_fetches"] == fetches
+
+
 def test_worker_runs_the_dspark_runner_and_shares_target_weights(dspark):
     """The fixture draft's embedding / LM head equal the target's: no second copy."""
     [info] = dspark.collective_rpc("dspark_info")
