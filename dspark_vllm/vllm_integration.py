@@ -222,13 +222,14 @@ class DSparkScheduler(Scheduler):
     def num_lookahead_tokens(self, value: int) -> None:
         pass  # vLLM's own value (0 for custom_class) is superseded
 
-    # -- metrics: the worker's counters ride to the front end in SchedulerStats ----
+    # -- the step's output: counters for the front end, the next round's drafts ----
     dspark_drafts_taken = False  # this step's drafts came with its output (no post-step fetch)
 
     def update_from_output(self, scheduler_output, model_runner_output):
-        """vLLM's update; with stats on, the step's SchedulerStats also carry DSpark's report.
+        """vLLM's update; with stats on, the step's SchedulerStats also carry DSpark's
+        report; then the drafts that came with the output go to their requests.
 
-        The driver worker attached its counters to the step's output
+        The driver worker attached its counters and drafts to the step's output
         (`DSparkRunnerMixin.sample_tokens`); vLLM sends SchedulerStats to one
         front end per step, so the report goes there (see metrics.py)."""
         snapshot = getattr(model_runner_output, "dspark_stats", None)
