@@ -180,8 +180,9 @@ def combine_rounds(rounds: list[list[dict]]) -> list[dict]:
     for first in rounds[0]:
         same = [r for rows in rounds for r in rows
                 if (r["engine"], r["concurrency"]) == (first["engine"], first["concurrency"])]
-        ratios = sorted(r["ratio_to_plain"] for r in same)
-        row = dict(sorted(same, key=lambda r: r["ratio_to_plain"])[(len(same) - 1) // 2])
+        by_ratio = sorted(same, key=lambda r: r["ratio_to_plain"])  # `same` stays in round order
+        ratios = [r["ratio_to_plain"] for r in by_ratio]
+        row = dict(by_ratio[(len(same) - 1) // 2])
         row["output_tokens_per_s"] = statistics.median(r["output_tokens_per_s"] for r in same)
         row["ratio_to_plain"] = statistics.median(ratios)
         row["ratio_range"] = [ratios[0], ratios[-1]]
