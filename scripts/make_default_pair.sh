@@ -3,9 +3,9 @@
 # a small Python-code target trained on the standard library's sources, a DSpark
 # drafter and a DFlash-ablation drafter (same one-layer backbone, no
 # Markov/confidence head) trained against it with this repo's tools, and the
-# DSpark drafter's STS calibration. Seeded throughout; about 90 minutes on 2 CPU
-# cores (20 for the target, 8 for the data, 45 for the two drafters side by side,
-# 12 for the calibration).
+# DSpark drafter's STS calibration. Seeded throughout; about two hours on 2 CPU
+# cores (20 minutes for the target, 8 for the data, 70 for the two drafters side by
+# side, 20 for the two calibrations side by side).
 # The drafter variants (variants/: an RNN-head drafter, a block-15 DSpark / DFlash
 # pair) add about 50 minutes; SKIP_VARIANTS=1 leaves them out.
 #
@@ -21,7 +21,7 @@ cd "$(dirname "$0")/.."
 PY=${PY:-.venv/bin/python}
 OUT=dspark_vllm/assets/default_pair
 WORK=${WORK:-/tmp/dspark-default-pair}
-DRAFT_STEPS=${DRAFT_STEPS:-3500}
+DRAFT_STEPS=${DRAFT_STEPS:-6000}
 mkdir -p "$WORK"
 
 if [ -z "${SKIP_TARGET:-}" ]; then
@@ -53,12 +53,14 @@ done
 
 # STS calibration of the DSpark drafter (greedy, the serving default): fitted on the
 # 1024 calibration prompts, measured on the 512 held-out ones, which it never sees
-# (the `heldout` section of calibration.json, and reliability.png); about 12 minutes.
+# (the `heldout` section of calibration.json, and reliability.png); about 12 minutes
+# on one core, side by side with the next one.
 OMP_NUM_THREADS=1 "$PY" scripts/calibrate.py --target "$OUT/target" --draft "$OUT/dspark" \
   --prompts "$OUT/prompts/calibration.jsonl" --max-prompts 1024 \
   --eval-prompts "$OUT/prompts/heldout.jsonl" --eval-max-prompts 512 \
   --raw --max-tokens 128 --temperature 0 --form piecewise --num-knots 3 --objective nll \
-  --out "$OUT/calibration.json" --plot "$OUT/reliability.png"
+  --out "$OUT/calibration.json" --plot "$OUT/reliability.png" &
+greedy=$!
 
 # The same at sampling temperature 1 (soft labels: the exact survival probability of
 # each round), for sampled serving: calibration-t1.json; 512 fitting prompts (each
@@ -67,11 +69,15 @@ OMP_NUM_THREADS=1 "$PY" scripts/calibrate.py --target "$OUT/target" --draft "$OU
   --prompts "$OUT/prompts/calibration.jsonl" --max-prompts 512 \
   --eval-prompts "$OUT/prompts/heldout.jsonl" --eval-max-prompts 512 \
   --raw --max-tokens 128 --temperature 1 --form piecewise --num-knots 3 --objective nll \
-  --out "$OUT/calibration-t1.json" --plot "$OUT/reliability-t1.png"
+  --out "$OUT/calibration-t1.json" --plot "$OUT/reliability-t1.png" &
+sampled=$!
+wait "$greedy"
+wait "$sampled"
 
 # The paper's drafter variants (variants/, the same data): an RNN Markov head at
-# block 7 with the drafters' recipe (`common`; a later --block-size overrides its
-# 7), to set against the vanilla head of dspark/; and a DSpark / DFlash pair at
+# block 7 with the drafters' recipe (`common`; a later --block-size or --steps
+# overrides it) but 3500 steps, to set against the vanilla head trained alike
+# (DRAFT_STEPS=3500; dspark/ shipped that until 2026-11-29); and a DSpark / DFlash pair at
 # block 15, trained alike but cheaper: 1500 steps of 32 anchors per sequence
 # (a block-15 step at 64 anchors takes ~2.5x a block-7 one, which made 3500 steps
 # over 3 hours per drafter on 2 shared cores), so compare the pair with each
@@ -83,7 +89,7 @@ if [ -z "${SKIP_VARIANTS:-}" ]; then
     OMP_NUM_THREADS=1 "$PY" scripts/train_draft.py "${common[@]}" "$@" --out "$WORK/$name"
   }
   b15=(--block-size 15 --steps 1500 --num-anchors 32)
-  variant rnn --head rnn --block-size 7 &
+  variant rnn --head rnn --block-size 7 --steps 3500 &
   rnn=$!
   variant dspark-b15 --head vanilla "${b15[@]}" &
   dspark_b15=$!
