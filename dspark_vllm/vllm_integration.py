@@ -39,7 +39,7 @@ from .policies import check_policy, make_policy
 from .refinement import OnlineCalibration
 from .proposer import draft_block
 from .sampling import SamplingRows, process_logits
-from .verification import PLACEHOLDER, verify, verify_greedy
+from .verification import PLACEHOLDER, verify, verify_greedy, verify_greedy_uniform
 
 logger = init_logger("vllm.dspark")  # under vLLM's logger so its handlers apply
 IDLE_S = 1.0  # a pause between engine steps longer than this is idleness, not step cost
@@ -660,6 +660,13 @@ class _VllmRotary:
         self.ops.rotary_embedding(self.positions, x.view(x.shape[0], -1), None, self.head_dim, self.cos_sin, True)
         return x
 
+    def apply_pair(self, q: torch.Tensor, k: torch.Tensor):
+        """Queries and keys in one kernel call, in place, without concatenating them."""
+        q, k = q.contiguous(), k.contiguous()
+        self.ops.rotary_embedding(self.positions, q.view(q.shape[0], -1), k.view(k.shape[0], -1), self.head_dim,
+                                  self.cos_sin, True)
+        return q, k
+
 
 def _tp_world_size() -> int:
     try:
@@ -931,12 +938,12 @@ class DSparkRunnerMixin:
         drafter.rounds_drafted += 1
         device = features.device
         block_table = table.get_device_tensor(num_reqs)
-        rows_t = _host_to_device(rows, device, torch.long)
-        sampling = sampling_rows(sampling_metadata, num_reqs, drafter.draft_config.vocab_size).index(rows_t)
+        sampling = sampling_rows(sampling_metadata, num_reqs, drafter.draft_config.vocab_size)
         generators = {j: sampling_metadata.generators[i] for j, i in enumerate(rows)
                       if i in sampling_metadata.generators}
-        if len(rows) < num_reqs:
-            block_table = block_table[rows_t]
+        if len(rows) < num_reqs:  # else rows == 0..num_reqs-1: nothing to pick
+            rows_t = _host_to_device(rows, device, torch.long)
+            sampling, block_table = sampling.index(rows_t), block_table[rows_t]
         out = self._dspark_draft(block_table, table.block_size, _host_to_device(anchors, device, torch.long),
                                  anchor_pos, sampling, generators, sampled=not sampling_metadata.all_greedy)
         # The round's one device-to-host copy: draft tokens for the scheduler and the
@@ -1235,8 +1242,12 @@ class DSparkRejectionSampler(RejectionSampler):
             # The common case: one max over the rows (vLLM's path below copies the target
             # rows to float32 twice and runs its kernel emulation: 1.46 ms of a 64-request
             # step here, against 0.8 ms).
-            nd = torch.diff(metadata.cu_num_draft_tokens, prepend=metadata.cu_num_draft_tokens.new_zeros(1))
-            out = verify_greedy(logits, metadata.draft_token_ids, nd, metadata.max_spec_len)
+            counts = metadata.num_draft_tokens  # host list
+            if min(counts) == max(counts):  # one request, or `fixed`: every request verifies L drafts
+                out = verify_greedy_uniform(logits, metadata.draft_token_ids, counts[0])
+            else:
+                nd = torch.diff(metadata.cu_num_draft_tokens, prepend=metadata.cu_num_draft_tokens.new_zeros(1))
+                out = verify_greedy(logits, metadata.draft_token_ids, nd, metadata.max_spec_len)
             result = SamplerOutput(sampled_token_ids=out.to(torch.int32), logprobs_tensors=None)
         elif sampling_metadata.all_greedy:
             # vLLM's greedy verification ignores logit bias on target rows (its sampler

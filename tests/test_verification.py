@@ -11,6 +11,7 @@ from dspark_vllm.verification import (
     residual,
     verify,
     verify_greedy,
+    verify_greedy_uniform,
 )
 
 NEG = float("-inf")
@@ -75,6 +76,8 @@ def greedy_batch(argmaxes, drafts_per_req, vocab=8):
     out = verify(logits, drafts, num_draft, torch.ones(len(num_draft), dtype=torch.bool))
     fast = verify_greedy(logits, drafts, torch.tensor(num_draft), max(num_draft))
     assert torch.equal(fast, out)  # the serving fast path agrees with the general verifier
+    if len(set(num_draft)) == 1:
+        assert torch.equal(verify_greedy_uniform(logits, drafts, num_draft[0]), out)
     return out
 
 
@@ -115,6 +118,21 @@ def test_verify_greedy_equals_verify_on_random_batches():
         expected = verify(logits, drafts, num_draft, torch.ones(n, dtype=torch.bool))
         got = verify_greedy(logits, drafts, torch.tensor(num_draft), max(num_draft))
         assert torch.equal(got, expected), (num_draft, got, expected)
+
+
+def test_verify_greedy_uniform_equals_verify_on_random_batches():
+    """The equal-lengths fast path (a reshape instead of index arithmetic) against the
+    general verifier: every request verifies L drafts, L from 1 to 7."""
+    gen = torch.Generator().manual_seed(1)
+    for trial in range(200):
+        n, L, V = int(torch.randint(1, 9, (1,), generator=gen)), int(torch.randint(1, 8, (1,), generator=gen)), 16
+        logits = torch.randn(n * (L + 1), V, generator=gen).to(torch.bfloat16 if trial % 2 else torch.float32)
+        argmax = logits.argmax(-1).view(n, L + 1)[:, :L].flatten()
+        hit = torch.rand(n * L, generator=gen) < 0.8
+        drafts = torch.where(hit, argmax, torch.randint(0, V, (n * L,), generator=gen)).to(torch.int32)
+        expected = verify(logits, drafts.long(), [L] * n, torch.ones(n, dtype=torch.bool))
+        got = verify_greedy_uniform(logits, drafts, L)
+        assert got.dtype == torch.int64 and torch.equal(got, expected), (L, got, expected)
 
 
 def test_mixed_batch():

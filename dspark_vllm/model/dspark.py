@@ -61,6 +61,10 @@ class Rotary:
         cos, sin = self.cos, self.sin
         return torch.cat([x1 * cos - x2 * sin, x2 * cos + x1 * sin], dim=-1).to(x.dtype)
 
+    def apply_pair(self, q: torch.Tensor, k: torch.Tensor):
+        """Queries and keys rotated in one go (one pass over both heads' rows)."""
+        return self.apply(torch.cat([q, k], dim=1)).split([q.shape[1], k.shape[1]], dim=1)
+
 
 class Attention(nn.Module):
     def __init__(self, cfg: DSparkConfig):
@@ -93,7 +97,7 @@ class Attention(nn.Module):
         q = self.q_norm(q.view(-1, self.num_heads, self.head_dim))
         k = self.k_norm(k.view(-1, self.num_kv_heads, self.head_dim))
         v = v.view(-1, self.num_kv_heads, self.head_dim)
-        q, k = rotary.apply(torch.cat([q, k], dim=1)).split([self.num_heads, self.num_kv_heads], dim=1)
+        q, k = rotary.apply_pair(q, k)
         return q, k, v
 
 
@@ -131,14 +135,18 @@ class MarkovHead(nn.Module):
         (float32), W2 cast once per weight version. Fewer, cheaper ops than a model-dtype
         GEMM and a mixed-dtype add, in the sequential loop that runs every drafting round."""
         x, state = self.low_rank(prev_tokens, hidden, state)
-        return torch.addmm(logits, x.to(logits.dtype), self._w2_transposed(logits.dtype)), state
+        return torch.addmm(logits, x.to(logits.dtype), self._cast("markov_w2", logits.dtype, True)), state
 
-    def _w2_transposed(self, dtype: torch.dtype) -> torch.Tensor:
-        w = self.markov_w2.weight
-        key = (w.data_ptr(), w._version, w.device, dtype)  # _version moves on in-place updates
-        if getattr(self, "_w2t_key", None) != key:
-            self._w2t, self._w2t_key = w.detach().to(dtype).t().contiguous(), key  # [r, V], row-major
-        return self._w2t
+    def _cast(self, name: str, dtype: torch.dtype, transpose: bool = False) -> torch.Tensor:
+        """Weight `name` in `dtype` (transposed: [in, out], row-major), cast once per
+        weight version: the inference loop reads it every slot of every round."""
+        w = getattr(self, name).weight
+        key = (w.data_ptr(), w._version, w.device, dtype, transpose)  # _version moves on in-place updates
+        cached = self.__dict__.setdefault("_casts", {}).get(name)
+        if cached is None or cached[0] != key:
+            t = w.detach().to(dtype)
+            cached = self._casts[name] = key, (t.t().contiguous() if transpose else t)
+        return cached[1]
 
 
 class VanillaMarkovHead(MarkovHead):
@@ -154,6 +162,12 @@ class VanillaMarkovHead(MarkovHead):
 
     def low_rank(self, prev_tokens, hidden, state):
         return self.markov_w1.weight[prev_tokens], state  # = markov_w1(prev_tokens), without a module call
+
+    def add_to(self, logits: torch.Tensor, prev_tokens, hidden, state):
+        """MarkovHead.add_to with W1 rows read from a copy in the logits' dtype (the
+        same values: bfloat16 and float16 widen to float32 exactly), one op fewer per slot."""
+        w1 = self._cast("markov_w1", logits.dtype)
+        return torch.addmm(logits, w1.index_select(0, prev_tokens), self._cast("markov_w2", logits.dtype, True)), state
 
 
 class RNNMarkovHead(MarkovHead):
