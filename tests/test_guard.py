@@ -163,6 +163,9 @@ def test_engine_skips_the_drafter_on_a_steep_curve_and_stays_exact(fixture_paths
     assert info["break_even_guard"] and 0 < info["draft_rounds"] < steps / 4
     assert metrics["vllm:dspark_drafting_steps"] == info["draft_rounds"]
     assert metrics["vllm:dspark_skipped_draft_step_fraction"] == pytest.approx(1 - info["draft_rounds"] / steps)
+    # Only steps that verify a round take vLLM's speculative path; the others (and
+    # prefill) run plain decoding's inputs and sampler.
+    assert 0 < info["speculative_steps"] <= info["draft_rounds"]
     # without the guard the same engine drafts in (nearly) every step
     del llm
     llm = LLM(model=fixture_paths["target"], **COMMON,
@@ -172,6 +175,7 @@ def test_engine_skips_the_drafter_on_a_steep_curve_and_stays_exact(fixture_paths
     [info] = llm.collective_rpc("dspark_info")
     steps = next(m.value for m in llm.get_metrics() if m.name == "vllm:dspark_engine_steps")
     assert not info["break_even_guard"] and info["draft_rounds"] >= steps - 2  # all but prefill steps
+    assert info["speculative_steps"] >= steps - 2
 
 
 def test_a_slow_first_step_does_not_set_the_rate():
