@@ -53,12 +53,13 @@ def draft_block(
     probs = base.new_zeros(base.shape) if sampled else None
     head = model.markov_head
     state = head.init_state(B, hidden) if head is not None else None
+    add_markov_bias = head.adder(base.dtype) if head is not None else None
     prev, drafted = anchors, []
     base_k, hidden_k = base.unbind(1), hidden.unbind(1)
     for k in range(num_tokens):
         logits = base_k[k] if sampling.bias is None else sampling.add_bias(base_k[k])
         if head is not None:
-            logits, state = head.add_to(logits, prev, hidden_k[k], state)  # float32
+            logits, state = add_markov_bias(logits, prev, hidden_k[k], state)  # float32
         token = greedy_tokens(logits)
         if sampled:
             q = process_logits(logits, sampling).softmax(-1)

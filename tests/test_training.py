@@ -130,7 +130,7 @@ def test_training_forward_equals_draft_block(hf_data, fixture_paths, head):
 @pytest.mark.parametrize("head_type", ["vanilla", "rnn"])
 def test_markov_head_inference_form_follows_weight_updates(head_type):
     """add_to (drafting's one-addmm form) equals logits + step (training's form), also
-    after an optimizer-style in-place update of W2 (its cached cast must not go stale)."""
+    after an optimizer-style in-place update of W1 and W2 (their cached casts must not go stale)."""
     from dspark_vllm.model.config import DSparkConfig
     from dspark_vllm.model.dspark import RNNMarkovHead, VanillaMarkovHead
 
@@ -149,6 +149,7 @@ def test_markov_head_inference_form_follows_weight_updates(head_type):
             if state is not None:
                 torch.testing.assert_close(got_state, expect_state)
             head.markov_w2.weight.mul_(-3.0)  # in place, as an optimizer step
+            head.markov_w1.weight.add_(0.5)
 
 
 def test_block_labels_and_mask():

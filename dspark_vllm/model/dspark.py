@@ -134,8 +134,18 @@ class MarkovHead(nn.Module):
         """Inference's form of `logits + step(...)`: one addmm in the logits' dtype
         (float32), W2 cast once per weight version. Fewer, cheaper ops than a model-dtype
         GEMM and a mixed-dtype add, in the sequential loop that runs every drafting round."""
-        x, state = self.low_rank(prev_tokens, hidden, state)
-        return torch.addmm(logits, x.to(logits.dtype), self._cast("markov_w2", logits.dtype, True)), state
+        return self.adder(logits.dtype)(logits, prev_tokens, hidden, state)
+
+    def adder(self, dtype: torch.dtype):
+        """`add_to` for logits of `dtype`, its weight casts looked up once: a drafting
+        round binds it before its loop over the block's slots."""
+        w2t = self._cast("markov_w2", dtype, True)
+
+        def add(logits, prev_tokens, hidden, state):
+            x, state = self.low_rank(prev_tokens, hidden, state)
+            return torch.addmm(logits, x.to(dtype), w2t), state
+
+        return add
 
     def _cast(self, name: str, dtype: torch.dtype, transpose: bool = False) -> torch.Tensor:
         """Weight `name` in `dtype` (transposed: [in, out], row-major), cast once per
@@ -163,11 +173,12 @@ class VanillaMarkovHead(MarkovHead):
     def low_rank(self, prev_tokens, hidden, state):
         return self.markov_w1.weight[prev_tokens], state  # = markov_w1(prev_tokens), without a module call
 
-    def add_to(self, logits: torch.Tensor, prev_tokens, hidden, state):
-        """MarkovHead.add_to with W1 rows read from a copy in the logits' dtype (the
+    def adder(self, dtype: torch.dtype):
+        """MarkovHead.adder with W1 rows read from a copy in the logits' dtype (the
         same values: bfloat16 and float16 widen to float32 exactly), one op fewer per slot."""
-        w1 = self._cast("markov_w1", logits.dtype)
-        return torch.addmm(logits, w1.index_select(0, prev_tokens), self._cast("markov_w2", logits.dtype, True)), state
+        w1, w2t = self._cast("markov_w1", dtype), self._cast("markov_w2", dtype, True)
+        return lambda logits, prev_tokens, hidden, state: (torch.addmm(logits, w1.index_select(0, prev_tokens), w2t),
+                                                          state)
 
 
 class RNNMarkovHead(MarkovHead):
