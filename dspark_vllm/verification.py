@@ -207,4 +207,3 @@ def verify_greedy_uniform(target_logits: torch.Tensor, draft_token_ids: torch.Te
     out = torch.where(j[:L] < n_acc, x, PLACEHOLDER)
     out = torch.cat([out, out.new_full((out.shape[0], 1), PLACEHOLDER)], dim=1)
     return out.scatter_(1, n_acc, argmax.gather(1, n_acc))
-
