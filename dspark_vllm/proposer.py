@@ -57,7 +57,7 @@ def draft_block(
     prev, drafted = anchors, []
     base_k, hidden_k = base.unbind(1), hidden.unbind(1)
     for k in range(num_tokens):
-        logits = base_k[k] if sampling.bias is None else sampling.add_bias(base_k[k])
+        logits = sampling.add_bias(base_k[k])
         if head is not None:
             logits, state = add_markov_bias(logits, prev, hidden_k[k], state)  # float32
         token = greedy_tokens(logits)

@@ -203,7 +203,6 @@ def verify_greedy_uniform(target_logits: torch.Tensor, draft_token_ids: torch.Te
         return argmax
     x = draft_token_ids.to(device=argmax.device, dtype=torch.long).view(-1, L)
     n_acc = (x == argmax[:, :L]).cumprod(1).sum(1, keepdim=True)  # accepted prefix length [n, 1]
-    j = torch.arange(L + 1, device=argmax.device)
-    out = torch.where(j[:L] < n_acc, x, PLACEHOLDER)
+    out = torch.where(torch.arange(L, device=argmax.device) < n_acc, x, PLACEHOLDER)
     out = torch.cat([out, out.new_full((out.shape[0], 1), PLACEHOLDER)], dim=1)
     return out.scatter_(1, n_acc, argmax.gather(1, n_acc))

@@ -504,7 +504,7 @@ class DSparkProposer:
 
         from .model.dspark import RMSNorm
 
-        # Kept unpacked: projections that run fused, and the Markov head's W2 (MarkovHead.add_to).
+        # Kept unpacked: projections that run fused, and the Markov head's W2 (MarkovHead.adder).
         unpacked = {self.model.markov_head.markov_w2} if self.model.markov_head is not None else set()
         for layer in self.model.layers:
             attn, mlp = layer.self_attn, layer.mlp
@@ -803,7 +803,6 @@ class DSparkRunnerMixin:
         self._dspark_step_start = None
         self._dspark_step_end = None
         self._dspark_attn = None  # (kv cache group, metadata builder) of the draft layers
-        self._dspark_plain_ok = None  # whether draft-less steps may take vLLM's plain path
         self.speculative_steps = 0  # steps that took vLLM's speculative path (for dspark_info)
         self._dspark_restore_logits_processors()
 
@@ -812,9 +811,10 @@ class DSparkRunnerMixin:
         vLLM's plain path: logits of one row per request and vLLM's sampler, exactly what
         plain decoding runs. vLLM 0.32 takes its speculative path whenever a speculative
         config exists, drafts or not: speculative metadata, the rejection sampler's
-        wrapper and its bookkeeping cost a 64-request step about 0.3 ms here (of 15-18 ms). Models with recurrent layers keep vLLM's path (vLLM's
-        zero-draft rows set a state offset their kernels read)."""
-        if scheduler_output.scheduled_spec_decode_tokens or not self._dspark_attention_only():
+        wrapper and its bookkeeping cost a 64-request step about 0.3 ms here (of 15-18
+        ms). Models with recurrent layers keep vLLM's path (vLLM's zero-draft rows set
+        a state offset their kernels read)."""
+        if scheduler_output.scheduled_spec_decode_tokens or not self._dspark_attention_only:
             self.speculative_steps += 1
             return super()._prepare_inputs(scheduler_output, *args, **kwargs)
         spec, self.speculative_config = self.speculative_config, None  # read once, to pick the path
@@ -823,13 +823,12 @@ class DSparkRunnerMixin:
         finally:
             self.speculative_config = spec
 
+    @functools.cached_property
     def _dspark_attention_only(self) -> bool:
-        if self._dspark_plain_ok is None:
-            from vllm.v1.kv_cache_interface import AttentionSpec
+        """Whether every KV cache group is attention (draft-less steps may take vLLM's plain path)."""
+        from vllm.v1.kv_cache_interface import AttentionSpec
 
-            self._dspark_plain_ok = all(isinstance(g.kv_cache_spec, AttentionSpec)
-                                        for g in self.kv_cache_config.kv_cache_groups)
-        return self._dspark_plain_ok
+        return all(isinstance(g.kv_cache_spec, AttentionSpec) for g in self.kv_cache_config.kv_cache_groups)
 
     def _dspark_restore_logits_processors(self) -> None:
         """Put back vLLM's min-p and logit-bias processors, which vLLM drops under

@@ -129,7 +129,7 @@ def test_training_forward_equals_draft_block(hf_data, fixture_paths, head):
 
 @pytest.mark.parametrize("head_type", ["vanilla", "rnn"])
 def test_markov_head_inference_form_follows_weight_updates(head_type):
-    """add_to (drafting's one-addmm form) equals logits + step (training's form), also
+    """adder (drafting's one-addmm form) equals logits + step (training's form), also
     after an optimizer-style in-place update of W1 and W2 (their cached casts must not go stale)."""
     from dspark_vllm.model.config import DSparkConfig
     from dspark_vllm.model.dspark import RNNMarkovHead, VanillaMarkovHead
@@ -144,7 +144,7 @@ def test_markov_head_inference_form_follows_weight_updates(head_type):
     for _ in range(2):
         with torch.no_grad():
             bias, expect_state = head.step(prev, hidden, state)
-            got, got_state = head.add_to(logits, prev, hidden, state)
+            got, got_state = head.adder(logits.dtype)(logits, prev, hidden, state)
             torch.testing.assert_close(got, logits + bias.float(), atol=2e-2, rtol=1e-2)  # bf16 bias rounding
             if state is not None:
                 torch.testing.assert_close(got_state, expect_state)

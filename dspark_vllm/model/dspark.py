@@ -130,15 +130,12 @@ class MarkovHead(nn.Module):
         x, state = self.low_rank(prev_tokens, hidden, state)
         return self.markov_w2(x), state
 
-    def add_to(self, logits: torch.Tensor, prev_tokens, hidden, state):
-        """Inference's form of `logits + step(...)`: one addmm in the logits' dtype
-        (float32), W2 cast once per weight version. Fewer, cheaper ops than a model-dtype
-        GEMM and a mixed-dtype add, in the sequential loop that runs every drafting round."""
-        return self.adder(logits.dtype)(logits, prev_tokens, hidden, state)
-
     def adder(self, dtype: torch.dtype):
-        """`add_to` for logits of `dtype`, its weight casts looked up once: a drafting
-        round binds it before its loop over the block's slots."""
+        """Inference's form of `logits + step(...)` for logits of `dtype` (float32): one
+        addmm in that dtype, W2 cast once per weight version. Fewer, cheaper ops than a
+        model-dtype GEMM and a mixed-dtype add, in the sequential loop that runs every
+        drafting round; the round binds it (and so looks the casts up) once, before its
+        loop over the block's slots. Returns add(logits, prev_tokens, hidden, state)."""
         w2t = self._cast("markov_w2", dtype, True)
 
         def add(logits, prev_tokens, hidden, state):
