@@ -117,6 +117,8 @@ def test_training_forward_equals_draft_block(hf_data, fixture_paths, head):
                                  SamplingRows(torch.full((N,), temperature)))
             prev = torch.cat([s.input_ids[anchors][:, None], drafts.tokens[:, :-1]], dim=1)
             pred = block_forward(model, s.input_ids, s.loss_mask, s.features, s.last_hidden, anchors, prev)
+            target = model.lm_head(s.last_hidden[pred.labels.label_positions - 1].float())
+            torch.testing.assert_close(pred.target_logits, target, atol=1e-6, rtol=0)
             if temperature == 0:
                 assert torch.equal(pred.logits.argmax(-1), drafts.tokens)
             else:
