@@ -98,3 +98,51 @@ def draft_rounds(model: DSparkDraftModel, features: torch.Tensor, text: torch.Te
     attend = dense_block_attention(ctx_k, ctx_v, anchors, K)
     sampling = SamplingRows(torch.full((B,), float(temperature), device=text.device))
     return draft_block(model, text[anchors], anchors, attend, num_tokens or K, sampling)
+
+
+class PendingContext:
+    """Steps' draft context whose K/V are not written yet, for one write later.
+
+    Writing a step's context (fc, norm, K/V projections, rotary, cache update) is
+    a dozen small ops whose cost hardly depends on the number of tokens. A step
+    in which no request drafts (the break-even guard skipped it, or every request
+    is mid-prefill) only stashes its target features here; the next drafting
+    round writes every stashed step with its own in one go (`take`), or a full
+    stash is written at once. The cache ends up as with a write per step: writes
+    keep their order, and of two writes to one slot (freed and handed to another
+    request in between) the later wins (`superseded_to_skip`).
+
+    Tensors are kept by reference: pass copies of buffers the runner reuses.
+    """
+
+    def __init__(self, max_tokens: int):
+        self.max_tokens = max_tokens
+        self.parts: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = []
+        self.num_tokens = 0
+
+    def add(self, features: torch.Tensor, positions: torch.Tensor, slots: torch.Tensor) -> bool:
+        """Stash one step's tokens; True when the stash is full (write it now)."""
+        self.parts.append((features, positions, slots))
+        self.num_tokens += features.shape[0]
+        return self.num_tokens >= self.max_tokens
+
+    def take(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(features, positions, slots) of all stashed steps, in order; empties the stash."""
+        if len(self.parts) == 1:
+            out = self.parts[0]
+        else:
+            features, positions, slots = (torch.cat(x) for x in zip(*self.parts))
+            out = features, positions, superseded_to_skip(slots)
+        self.parts, self.num_tokens = [], 0
+        return out
+
+
+def superseded_to_skip(slots: torch.Tensor) -> torch.Tensor:
+    """slots with every write that a later one to the same slot overrides set to -1
+    (vLLM's cache-update kernels skip negative slots). No host sync: a stable sort
+    puts each slot's writes together in time order, and the last of a run stays."""
+    ordered, order = torch.sort(slots, stable=True)
+    last = torch.ones_like(slots, dtype=torch.bool)
+    last[:-1] = ordered[1:] != ordered[:-1]
+    keep = torch.empty_like(last).scatter_(0, order, last)
+    return torch.where(keep, slots, -1)

@@ -37,7 +37,7 @@ from .model.checkpoint import TargetInfo, load_draft_model, validate_checkpoint
 from .model.config import DSparkConfig, DSparkConfigError
 from .policies import check_policy, make_policy
 from .refinement import OnlineCalibration
-from .proposer import draft_block
+from .proposer import PendingContext, draft_block
 from .sampling import SamplingRows, process_logits
 from .verification import PLACEHOLDER, verify, verify_greedy, verify_greedy_uniform
 
@@ -405,6 +405,7 @@ class DSparkProposer:
     """The `custom_class` drafter. Built by vLLM's runner with the config only."""
 
     LAYER_PREFIX = "dspark_draft.layers"
+    PENDING_CONTEXT_BYTES = 16 << 20
 
     def __init__(self, vllm_config):
         self.vllm_config = vllm_config
@@ -446,6 +447,12 @@ class DSparkProposer:
         self.verifying: np.ndarray | None = None  # round_rows of the requests verified this step
         self.step_emitted: int | None = None  # output tokens of this step's verification (None: none ran)
         self.shared: list[str] = []  # draft weights that alias the target's
+        # Context of steps that drafted nothing, written with the next round's: at most
+        # PENDING_CONTEXT_BYTES of target features (a few MiB, outside vLLM's KV budget).
+        width = len(self.draft_config.target_layer_ids) * self.draft_config.hidden_size
+        itemsize = vllm_config.model_config.dtype.itemsize
+        self.pending = PendingContext(max_tokens=max(1, self.PENDING_CONTEXT_BYTES // (width * itemsize)))
+        self.context_writes = 0  # context K/V writes while serving (for dspark_info)
 
     def load_model(self, target_model) -> None:
         from vllm.model_executor.layers.attention import Attention
@@ -543,11 +550,22 @@ class DSparkProposer:
     # -- context: write the draft layers' K/V at the target's slots ----------
     @torch.inference_mode()
     def write_context(self, target_features, positions, slot_mapping) -> None:
+        """Write these tokens' draft-context K/V, after those of every deferred step."""
+        if self.pending.parts:
+            self.pending.add(target_features, positions, slot_mapping)
+            target_features, positions, slot_mapping = self.pending.take()
+        self.context_writes += 1
         fused = self.model.fuse_target_features(target_features.to(self.model.fc.weight.dtype))
         rotary = self.model.rotary(positions)
         for layer, attn in zip(self.model.layers, self.attn_layers):
             k, v = layer.self_attn.keys_values(fused, rotary)
             attn.impl.do_kv_cache_update(attn, k, v, attn.kv_cache, slot_mapping)
+
+    def defer_context(self, target_features, positions, slot_mapping) -> None:
+        """A step in which nobody drafts: stash its context for the next round's write
+        (proposer.PendingContext), or write the stash now when it is full."""
+        if self.pending.add(target_features, positions.clone(), slot_mapping.clone()):
+            self.write_context(*self.pending.take())
 
     # -- confidence-scheduled verification ---------------------------------
     def calibrated_confidences(self, drafts) -> torch.Tensor | None:
@@ -936,13 +954,7 @@ class DSparkRunnerMixin:
                         spec_decode_metadata, common_attn_metadata, slot_mappings):
         drafter: DSparkProposer = self.drafter
         n = scheduler_output.total_num_scheduled_tokens
-        # 1. Every scheduled token becomes draft context (prefill chunks too), drafting or not.
-        features = torch.cat([h[:n] for h in aux_hidden_states], dim=-1)
-        if isinstance(slot_mappings, list):
-            slot_mappings = slot_mappings[0]
-        drafter.write_context(features, self.positions[:n], slot_mappings[drafter.layer_names[0]][:n])
-
-        # 2. Who can draft, and does drafting pay this step (break-even guard)?
+        # 1. Who can draft, and does drafting pay this step (break-even guard)?
         num_reqs = self.input_batch.num_reqs
         req_ids = self.input_batch.req_ids[:num_reqs]
         gid, _ = self._dspark_group()
@@ -952,9 +964,19 @@ class DSparkRunnerMixin:
         other_tokens = other_token_count(scheduler_output, round_ids)
         drafts: list[list[int]] = [[] for _ in range(num_reqs)]
         drafter.round = None
-        if not rows or not drafter.should_draft(len(rows), other_tokens):
+        drafting = bool(rows) and drafter.should_draft(len(rows), other_tokens)
+
+        # 2. Every scheduled token becomes draft context (prefill chunks too), drafting or
+        #    not; a step that does not draft defers the write to the next one that does.
+        features = torch.cat([h[:n] for h in aux_hidden_states], dim=-1)
+        if isinstance(slot_mappings, list):
+            slot_mappings = slot_mappings[0]
+        slots = slot_mappings[drafter.layer_names[0]][:n]
+        if not drafting:
+            drafter.defer_context(features, self.positions[:n], slots)
             self._dspark_end_step(n, 0, 0, 0.0, len(rows), other_tokens)
             return drafts
+        drafter.write_context(features, self.positions[:n], slots)
 
         # 3. One parallel block forward on the paged KV cache + the Markov loop,
         #    then the policy's verification lengths.
@@ -1385,6 +1407,7 @@ class DSparkWorkerMixin:
                 "calibrated": drafter.maps is not None, "break_even_guard": drafter.guard is not None,
                 "draft_rounds": drafter.rounds_drafted, "draft_fetches": self.draft_fetches,
                 "speculative_steps": self.model_runner.speculative_steps,
+                "context_writes": drafter.context_writes,
                 "sps_profile": None if drafter.profile is None else drafter.profile.model_dump()}
 
 

@@ -76,3 +76,33 @@ def close(llm):
 
 def generate(llm, prompts, params):
     return llm.generate([{"prompt_token_ids": p} for p in prompts], params, use_tqdm=False)
+
+
+def assert_rounds_equal_dense(rounds, prompts, outs, fixture_paths):
+    """Each request's latest drafting round in the engine (`dspark_last_round`) equals
+    the dense reference (`proposer.draft_rounds`, training's code path) on the text
+    up to its anchor: the paged context K/V the round attended to were complete."""
+    from transformers import AutoModelForCausalLM
+
+    from dspark_vllm.model.checkpoint import load_draft_model
+    from dspark_vllm.proposer import draft_rounds
+    from dspark_vllm.training.target import target_features
+
+    target = AutoModelForCausalLM.from_pretrained(fixture_paths["target"], dtype=torch.float32).eval()
+    draft = load_draft_model(fixture_paths["dspark"])
+    checked = 0
+    for prompt, out in zip(prompts, outs):
+        # vLLM's engine adds a suffix to the user's request id.
+        served = [r for k, r in rounds.items() if k == out.request_id or k.startswith(out.request_id + "-")]
+        if not served:
+            continue
+        [served] = served
+        text = torch.tensor(list(prompt) + list(out.outputs[0].token_ids))[:served["anchor_position"] + 1]
+        assert served["anchor"] == int(text[-1])
+        features, _ = target_features(target, text[None], draft.config.target_layer_ids)
+        dense = draft_rounds(draft, features[0], text, torch.tensor([served["anchor_position"]]))
+        assert dense.tokens[0].tolist() == served["tokens"]
+        torch.testing.assert_close(torch.tensor(served["confidence_logits"]), dense.confidence_logits[0],
+                                   atol=2e-3, rtol=1e-3)
+        checked += 1
+    return checked

@@ -147,13 +147,14 @@ def test_engine_skips_the_drafter_on_a_steep_curve_and_stays_exact(fixture_paths
     import dspark_vllm
     from vllm import LLM, SamplingParams
 
-    from engine_utils import COMMON, generate_ids
+    from engine_utils import COMMON, assert_rounds_equal_dense, generate, generate_ids
 
     steep = ROOT / "configs" / "sps-steep-example.json"
     llm = LLM(model=fixture_paths["target"], **COMMON,
               **dspark_vllm.engine_kwargs(fixture_paths["dspark"], verification="sync", sps_profile=str(steep)))
     params = SamplingParams(temperature=0.0, max_tokens=48, ignore_eos=True)
-    assert generate_ids(llm, prompts, params) == generate_ids(baseline, prompts, params)
+    outs = generate(llm, prompts, params)
+    assert [tuple(o.outputs[0].token_ids) for o in outs] == generate_ids(baseline, prompts, params)
     [info] = llm.collective_rpc("dspark_info")
     metrics = {m.name: m.value for m in llm.get_metrics() if m.name.startswith("vllm:dspark_") and hasattr(m, "value")
                and not m.labels}
@@ -166,6 +167,12 @@ def test_engine_skips_the_drafter_on_a_steep_curve_and_stays_exact(fixture_paths
     # Only steps that verify a round take vLLM's speculative path; the others (and
     # prefill) run plain decoding's inputs and sampler.
     assert 0 < info["speculative_steps"] <= info["draft_rounds"]
+    # Skipped steps only stash their draft context; a drafting round writes it with its
+    # own (proposer.PendingContext). The last rounds still equal the dense reference,
+    # which attends to every position of the text up to the anchor.
+    assert info["draft_rounds"] <= info["context_writes"] < steps / 4
+    [rounds] = llm.collective_rpc("dspark_last_round")
+    assert assert_rounds_equal_dense(rounds, prompts, outs, fixture_paths) == len(prompts)
     # without the guard the same engine drafts in (nearly) every step
     del llm
     llm = LLM(model=fixture_paths["target"], **COMMON,
@@ -191,3 +198,51 @@ def test_a_slow_first_step_does_not_set_the_rate():
         guard.observe_step(64, verified=False, drafted=False, emitted=64, seconds=64 / (64 * 20.0))
     assert guard.plain_rate[7] == pytest.approx(20.0, rel=1e-6)
     assert guard.spec_rate == {}
+
+
+def test_deferred_context_writes_leave_the_cache_as_step_by_step_writes():
+    """PendingContext: steps stashed and written at once give the cache of one write
+    per step, also where a slot is written twice (freed and reused in between), and
+    whatever order the cache-update kernel applies its rows in."""
+    import torch
+
+    from dspark_vllm.proposer import PendingContext
+
+    gen = torch.Generator().manual_seed(0)
+    step_by_step, deferred = torch.zeros(64, 3), torch.zeros(64, 3)
+    pending = PendingContext(max_tokens=10_000)
+    for step in range(12):
+        n = int(torch.randint(1, 9, (1,), generator=gen))
+        slots = torch.randperm(20, generator=gen)[:n]  # distinct within a step, reused across steps
+        features, positions = torch.randn(n, 3, generator=gen), torch.arange(n) + step
+        step_by_step[slots] = features
+        assert not pending.add(features, positions, slots)
+    features, positions, slots = pending.take()
+    assert pending.parts == [] and pending.num_tokens == 0
+    assert len(features) == len(positions) == len(slots) > len(set(slots.tolist()) - {-1})
+    written = slots >= 0  # the kernels skip negative slots
+    assert len(set(slots[written].tolist())) == int(written.sum())  # one write per slot left
+    for i in reversed(written.nonzero().flatten().tolist()):  # any order gives the same cache
+        deferred[slots[i]] = features[i]
+    assert torch.equal(deferred, step_by_step)
+    assert PendingContext(max_tokens=5).add(torch.zeros(5, 3), torch.arange(5), torch.arange(5))  # full
+
+
+def test_vllm_cache_update_skips_negative_slots():
+    """What superseded_to_skip relies on, in the installed vLLM build's kernel."""
+    import torch
+    from vllm.platforms import current_platform
+
+    if not current_platform.is_cpu():
+        pytest.skip("checks vLLM's CPU kernel; CUDA's reshape_and_cache skips slot < 0 in its source")
+    from vllm import _custom_ops as ops
+    from vllm.v1.attention.backends.cpu_attn import _get_attn_isa
+
+    for block_size in (16, 128):
+        isa = _get_attn_isa(torch.bfloat16, block_size, 64)
+        k_cache = torch.zeros(4, 2, block_size, 64, dtype=torch.bfloat16)
+        v_cache = torch.zeros_like(k_cache)
+        k, v = torch.randn(3, 2, 64, dtype=torch.bfloat16), torch.randn(3, 2, 64, dtype=torch.bfloat16)
+        ops.cpu_attn_reshape_and_cache(k, v, k_cache, v_cache, torch.tensor([5, -1, block_size + 7]), isa)
+        touched = [b for b in range(4) if k_cache[b].any() or v_cache[b].any()]
+        assert touched == [0, 1]  # slot -1 would land in block 3 (or out of bounds)
