@@ -448,7 +448,7 @@ class DSparkProposer:
         self.step_emitted: int | None = None  # output tokens of this step's verification (None: none ran)
         self.shared: list[str] = []  # draft weights that alias the target's
         # Context of steps that drafted nothing, written with the next round's: at most
-        # PENDING_CONTEXT_BYTES of target features (a few MiB, outside vLLM's KV budget).
+        # PENDING_CONTEXT_BYTES (16 MiB) of target features, outside vLLM's KV budget.
         width = len(self.draft_config.target_layer_ids) * self.draft_config.hidden_size
         itemsize = vllm_config.model_config.dtype.itemsize
         self.pending = PendingContext(max_tokens=max(1, self.PENDING_CONTEXT_BYTES // (width * itemsize)))
