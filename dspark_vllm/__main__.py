@@ -28,6 +28,8 @@ def main(argv=None) -> int:
     f.add_argument("--sps-cache-dir", default=None, help="where measured SPS tables are cached")
     f.add_argument("--no-break-even", action="store_true",
                    help="draft in every step, even where the cost model expects plain decoding to be faster")
+    f.add_argument("--draft-dtype", default=None, choices=["auto", "model", "float32"],
+                   help="the drafter's dtype (default auto: float32 on CPUs without native bf16 GEMMs)")
     sub.add_parser("demo-paths", help="print the default model pair's paths as JSON")
     args = ap.parse_args(argv)
     if args.cmd == "demo-paths":
@@ -39,7 +41,8 @@ def main(argv=None) -> int:
         return 0
     options = {k: v for k, v in (("threshold", args.threshold), ("calibration", args.calibration),
                                  ("sps_profile", args.sps_profile),
-                                 ("sps_cache_dir", args.sps_cache_dir)) if v is not None}
+                                 ("sps_cache_dir", args.sps_cache_dir), ("draft_dtype", args.draft_dtype))
+               if v is not None}
     if args.no_break_even:
         options["break_even"] = False
     try:

@@ -71,6 +71,13 @@ class DSparkOptions(BaseModel):
     # Break-even guard (sync / async, or any policy given an sps_profile): skip the
     # drafter in steps where speculation is not expected to beat plain decoding.
     break_even: bool = True
+    # dtype of the drafter's weights and GEMMs. model: the engine's dtype. float32:
+    # K/V are cast to the cache's dtype where they enter vLLM's paged cache, and the
+    # drafter no longer shares the target's embedding / LM head (their copies take
+    # 4 bytes a weight). auto: float32 on x86 CPUs without native bf16 / fp16 GEMMs
+    # (no AVX512-BF16 or AMX: there torch emulates a bf16 GEMM, about 6x the float32
+    # one at a drafting round's 8 rows), else the model dtype.
+    draft_dtype: Literal["auto", "model", "float32"] = "auto"
 
 
 def options_from_additional_config(additional_config: dict | None) -> DSparkOptions:

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import functools
 import os
+import platform
 import time
 from collections import deque
 from dataclasses import dataclass, replace
@@ -453,20 +454,25 @@ class DSparkProposer:
         itemsize = vllm_config.model_config.dtype.itemsize
         self.pending = PendingContext(max_tokens=max(1, self.PENDING_CONTEXT_BYTES // (width * itemsize)))
         self.context_writes = 0  # context K/V writes while serving (for dspark_info)
+        # The drafter's dtype (DSparkOptions.draft_dtype, resolved in load_model) and that of
+        # what vLLM's attention layers take and its paged cache holds.
+        self.dtype = self.cache_dtype = vllm_config.model_config.dtype
 
     def load_model(self, target_model) -> None:
         from vllm.model_executor.layers.attention import Attention
 
         cfg = self.draft_config
         device = next(target_model.parameters()).device
-        self.model = load_draft_model(self.options.draft_model, self.vllm_config.model_config.dtype, device)
+        self.cache_dtype = self.vllm_config.model_config.dtype  # what vLLM's attention layers take
+        self.dtype = draft_dtype(self.options.draft_dtype, self.cache_dtype, device)
+        self.model = load_draft_model(self.options.draft_model, self.dtype, device)
         self.share_with_target(target_model)
         if device.type == "cpu":
             self.use_vllm_cpu_kernels(target_model)
-        logger.info("DSpark draft %s loaded: block_size=%d, verifying up to %d tokens, "
+        logger.info("DSpark draft %s loaded in %s: block_size=%d, verifying up to %d tokens, "
                     "policy=%s, break-even guard %s, shared with target: %s", self.options.draft_model,
-                    cfg.block_size, self.num_tokens, self.policy.name, "on" if self.guard else "off",
-                    self.shared or "nothing")
+                    str(self.dtype).removeprefix("torch."), cfg.block_size, self.num_tokens, self.policy.name,
+                    "on" if self.guard else "off", self.shared or "nothing")
         cache_config = self.vllm_config.cache_config
         self.layer_names = [
             f"{self.LAYER_PREFIX}.{self.num_target_layers + i}.attn" for i in range(cfg.num_hidden_layers)
@@ -559,6 +565,7 @@ class DSparkProposer:
         rotary = self.model.rotary(positions)
         for layer, attn in zip(self.model.layers, self.attn_layers):
             k, v = layer.self_attn.keys_values(fused, rotary)
+            k, v = k.to(self.cache_dtype), v.to(self.cache_dtype)  # no-ops unless draft_dtype differs
             attn.impl.do_kv_cache_update(attn, k, v, attn.kv_cache, slot_mapping)
 
     def defer_context(self, target_features, positions, slot_mapping) -> None:
@@ -635,6 +642,26 @@ class DSparkProposer:
         if self.guard is not None:
             self.guard.observe(int((nd > 0).sum()), int(nd.sum()), int(accepted.sum()))
         self.step_emitted = int(accepted.sum()) + len(nd)  # this step's output tokens, for the guard
+
+
+def draft_dtype(option: str, model_dtype: torch.dtype, device: torch.device) -> torch.dtype:
+    """The drafter's dtype for DSparkOptions.draft_dtype ("auto", "model" or "float32")."""
+    if option == "float32" or (option == "auto" and device.type == "cpu" and not _cpu_gemm_is_native(model_dtype)):
+        return torch.float32
+    return model_dtype
+
+
+def _cpu_gemm_is_native(dtype: torch.dtype) -> bool:
+    """Whether this CPU multiplies `dtype` matrices in hardware. x86 without AVX512-BF16
+    or AMX (e.g. AVX2-only parts) has no bf16 / fp16 dot products: torch converts, and
+    its bf16 GEMM costs about 6x the float32 one at 8 rows (2.7x at 1 row)."""
+    if dtype == torch.float32 or platform.machine().lower() not in ("x86_64", "amd64", "i686"):
+        return True  # other architectures: keep the model dtype
+    if dtype == torch.bfloat16:
+        return torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported()
+    if dtype == torch.float16:
+        return torch.cpu._is_amx_fp16_supported()
+    return True
 
 
 def _fused_cpu_linear(linears: list[torch.nn.Linear], split: list[int] | None = None):
@@ -1092,7 +1119,8 @@ class DSparkRunnerMixin:
         else:
             max_tokens = self.scheduler_config.max_num_batched_tokens
             settings = {"max_num_batched_tokens": max_tokens, "max_num_seqs": self.scheduler_config.max_num_seqs,
-                        "dtype": str(self.model_config.dtype), "block_size": drafter.draft_config.block_size,
+                        "dtype": str(self.model_config.dtype), "draft_dtype": str(drafter.dtype),
+                        "block_size": drafter.draft_config.block_size,
                         "draft": opts.draft_model, "enforce_eager": self.model_config.enforce_eager,
                         "threads": torch.get_num_threads(), "vllm": _vllm_version()}
             cache_dir = opts.sps_cache_dir or os.path.expanduser("~/.cache/dspark_vllm/sps")
@@ -1192,6 +1220,7 @@ class DSparkRunnerMixin:
         meta = builder.build(common_prefix_len=0, common_attn_metadata=common, fast_build=True)
         names = self.drafter.layer_names
         layers = self.drafter.attn_layers
+        dtype, cache_dtype = self.drafter.dtype, self.drafter.cache_dtype
         # One forward context for the round. vLLM's set_forward_context would, per call,
         # also coordinate token counts across data-parallel ranks (a collective the
         # ranks that do not draft never join) and, when batch-size logging is on, sync.
@@ -1200,8 +1229,9 @@ class DSparkRunnerMixin:
 
         def attend(i, q, k, v):
             T = q.shape[0]
+            q, k, v = (x.reshape(T, -1).to(cache_dtype) for x in (q, k, v))  # no-ops unless draft_dtype differs
             with override_forward_context(context):
-                return layers[i](q.reshape(T, -1), k.reshape(T, -1), v.reshape(T, -1))
+                return layers[i](q, k, v).to(dtype)
 
         return attend
 
@@ -1407,7 +1437,7 @@ class DSparkWorkerMixin:
                 "calibrated": drafter.maps is not None, "break_even_guard": drafter.guard is not None,
                 "draft_rounds": drafter.rounds_drafted, "draft_fetches": self.draft_fetches,
                 "speculative_steps": self.model_runner.speculative_steps,
-                "context_writes": drafter.context_writes,
+                "context_writes": drafter.context_writes, "draft_dtype": str(drafter.dtype).removeprefix("torch."),
                 "sps_profile": None if drafter.profile is None else drafter.profile.model_dump()}
 
 

@@ -81,3 +81,32 @@ def test_dspark_is_exact_and_accepts_drafts_on_held_out_code(pair):
     [stats] = llm.collective_rpc("dspark_stats")
     tau = 1 + sum(stats["accepted"]) / stats["drafted"][0]
     assert tau > 2.5, f"trained drafter should be accepted often on code, got {tau:.2f} tokens per round"
+
+
+@pytest.mark.slow
+def test_float32_drafter_in_a_bf16_engine(pair):
+    """draft_dtype=float32 in a bf16 engine: the drafter's K/V and queries cross into
+    vLLM's bf16 paged cache and attention by a cast. Its drafts are accepted as often
+    as the bf16 drafter's (a wrong cast would make the context garbage and tau ~1),
+    and each of them reports what it runs in."""
+    import dspark_vllm
+    from transformers import AutoTokenizer
+    from vllm import LLM, SamplingParams
+
+    from dspark_vllm.prompts import load_turns, prompt_token_ids
+
+    tok = AutoTokenizer.from_pretrained(pair["target"])
+    prompts = [prompt_token_ids(tok, t, raw=True) for t in load_turns(pair["prompts"], 6)]
+    params = SamplingParams(temperature=0.0, max_tokens=48, ignore_eos=True)
+    tau = {}
+    for dtype in ("float32", "model"):
+        kwargs = dspark_vllm.engine_kwargs(pair["dspark"], verification="fixed", draft_dtype=dtype)
+        llm = LLM(model=pair["target"], max_model_len=1024, enforce_eager=True, dtype="bfloat16", seed=0, **kwargs)
+        generate_ids(llm, prompts, params)
+        [stats], [info] = llm.collective_rpc("dspark_stats"), llm.collective_rpc("dspark_info")
+        del llm
+        tau[dtype] = 1 + sum(stats["accepted"]) / stats["drafted"][0]
+        assert info["draft_dtype"] == ("float32" if dtype == "float32" else "bfloat16")
+        # A float32 drafter cannot alias the target's bf16 embedding and LM head.
+        assert info["shared_with_target"] == ([] if dtype == "float32" else ["embed_tokens", "lm_head"])
+    assert tau["float32"] > 2.5 and tau["float32"] > tau["model"] - 0.3, tau

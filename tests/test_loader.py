@@ -113,6 +113,31 @@ def test_unknown_option(fixture_paths):
         engine_kwargs(fixture_paths["dspark"], verification="sometimes")
 
 
+def test_unknown_draft_dtype_names_the_field(fixture_paths):
+    with pytest.raises(Exception, match="draft_dtype"):
+        engine_kwargs(fixture_paths["dspark"], draft_dtype="float16")
+
+
+def test_draft_dtype_resolution(monkeypatch):
+    """auto: float32 only on a CPU that would emulate the model dtype's GEMMs."""
+    import torch
+
+    from dspark_vllm import vllm_integration as vi
+
+    cpu, cuda, bf16, f32 = torch.device("cpu"), torch.device("cuda"), torch.bfloat16, torch.float32
+    assert vi.draft_dtype("model", bf16, cpu) == bf16 and vi.draft_dtype("float32", bf16, cuda) == f32
+    assert vi.draft_dtype("auto", f32, cpu) == f32 and vi.draft_dtype("auto", bf16, cuda) == bf16
+    for native in (True, False):
+        monkeypatch.setattr(vi, "_cpu_gemm_is_native", lambda dtype, native=native: native)
+        assert vi.draft_dtype("auto", bf16, cpu) == (bf16 if native else f32)
+    monkeypatch.undo()
+    assert vi._cpu_gemm_is_native(f32)
+    x86 = vi.platform.machine().lower() in ("x86_64", "amd64")
+    if x86:  # the capability torch reports decides, e.g. False on AVX2-only parts
+        assert vi._cpu_gemm_is_native(bf16) == (torch.cpu._is_avx512_bf16_supported()
+                                                or torch.cpu._is_amx_tile_supported())
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("case", ["vocab_mismatch", "missing_key"])
 def test_engine_start_fails_with_the_field(fixture_paths, tmp_path, case):
