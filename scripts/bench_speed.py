@@ -4,7 +4,7 @@ policy, and vLLM's built-in n-gram speculation, on the same prompts and engine s
     python scripts/bench_speed.py --target T --draft D --prompts P.jsonl \
         --concurrency 1,4,16,64 --json OUT.json [--plot OUT.png] [--policies fixed,sync,async]
         [--calibration CAL.json] [--max-tokens 128] [--num-prompts 64] [--raw] [--dtype auto]
-        [--repeats 3]
+        [--repeats 3] [--draft-dtype auto]
 
 One engine (AsyncLLM, in this process) per row: `plain`, `dspark-<policy>` and
 `ngram`. At concurrency c, c clients take the prompts from one queue, one
@@ -18,6 +18,7 @@ same work; c=1 is requests one by one, c=64 about one batch). Per row and c:
                         included (DSpark: the plugin's counters; ngram: vLLM's)
   drafting_step_fraction  share of engine steps in which the drafter ran
                         (the break-even guard skips the others; DSpark only)
+  draft_dtype           what the drafter ran in (DSpark only; --draft-dtype, auto by default)
   identical_to_plain    greedy: every answer equals plain decoding's (null when sampling)
   answers_differing, first_difference_at   greedy: how many answers differ from plain
                         decoding's, and at which token each first does
@@ -27,7 +28,8 @@ order; a row reports the median (speed, ratio) and keeps each round's row in
 `rounds`. On shared cores the host's speed drifts by tens of percent over
 minutes, so one round's ratios can mislead; the range shows how far.
 
-The model's own dtype by default (`--dtype auto`: what users run, bf16 for
+The output records the host (CPU, threads, whether it has native bf16 GEMMs):
+on the CPU the ratios depend on it. The model's own dtype by default (`--dtype auto`: what users run, bf16 for
 the default pair).
 """
 
@@ -64,6 +66,8 @@ def parse_args(argv=None):
     ap.add_argument("--dtype", default="auto", help="engine dtype (default: the checkpoint's)")
     ap.add_argument("--repeats", type=int, default=1,
                     help="rounds of every engine (alternating order); rows report the median and range")
+    ap.add_argument("--draft-dtype", default="auto", choices=["auto", "model", "float32"],
+                    help="the drafter's dtype (DSparkOptions.draft_dtype; auto: float32 where the CPU emulates bf16)")
     ap.add_argument("--cuda-graphs", action="store_true",
                     help="let vLLM compile and capture CUDA graphs (default: enforce_eager, as on the CPU)")
     return ap.parse_args(argv)
@@ -117,6 +121,7 @@ async def bench_engine(args, name, prompts, levels):
     if name.startswith("dspark-"):
         options = {k: v for k, v in (("calibration", args.calibration), ("sps_profile", args.sps_profile))
                    if v is not None}
+        options["draft_dtype"] = args.draft_dtype
         kwargs = dspark_vllm.engine_kwargs(args.draft, verification=name.removeprefix("dspark-"), **options)
     elif name == "ngram":
         kwargs = {"speculative_config": dict(NGRAM)}
@@ -139,6 +144,7 @@ async def bench_engine(args, name, prompts, levels):
                    "tau": 1 + delta["accepted"] / delta["rounds"] if delta["rounds"] else None}
             if is_dspark:
                 row["drafting_step_fraction"] = delta["drafting_steps"] / max(delta["steps"], 1.0)
+                row["draft_dtype"] = (await engine.collective_rpc("dspark_info"))[0]["draft_dtype"]
             rows.append(row)
             answers[c] = got
             print(json.dumps(row), flush=True)
@@ -231,6 +237,23 @@ def plot(result, path):
     fig.savefig(path, dpi=120)
 
 
+def host() -> dict:
+    """The machine: speed ratios on the CPU depend on its GEMM instructions (see draft_dtype)."""
+    import platform
+
+    import torch
+
+    name = platform.processor()
+    try:
+        with open("/proc/cpuinfo") as f:
+            name = next((line.split(":", 1)[1].strip() for line in f if line.startswith("model name")), name)
+    except OSError:
+        pass
+    cpu = torch.cpu
+    return {"cpu": name, "threads": torch.get_num_threads(), "capability": torch.backends.cpu.get_cpu_capability(),
+            "avx512_bf16": cpu._is_avx512_bf16_supported(), "amx": cpu._is_amx_tile_supported()}
+
+
 def main(argv=None):
     args = parse_args(argv)
     os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "2")
@@ -257,7 +280,8 @@ def main(argv=None):
     dtype = args.dtype if args.dtype != "auto" else str(AutoConfig.from_pretrained(args.target).dtype).removeprefix("torch.")
     out = {"target": args.target, "draft": args.draft, "prompts": args.prompts, "num_prompts": len(prompts),
            "max_tokens": args.max_tokens, "temperature": args.temperature, "dtype": dtype,
-           "calibration": args.calibration, "command": " ".join([os.path.basename(sys.argv[0])] + sys.argv[1:]),
+           "calibration": args.calibration, "host": host(),
+           "command": " ".join([os.path.basename(sys.argv[0])] + sys.argv[1:]),
            "greedy_outputs_identical": (all(r["identical_to_plain"] for r in results)
                                         if args.temperature == 0 else None),
            "results": results}

@@ -78,6 +78,8 @@ def test_bench_speed(fixture_paths, tmp_path):
     for c in (1, 4):
         assert 0.0 < rows[("dspark-sync", c)]["drafting_step_fraction"] < 0.5
     assert r["dtype"] == "float32"  # the fixture's own dtype
+    assert {rows[("dspark-fixed", c)]["draft_dtype"] for c in (1, 4)} == {"float32"}  # auto, float32 model
+    assert r["host"]["threads"] >= 1 and r["host"]["capability"]
     assert png.stat().st_size > 0
 
 
