@@ -15,8 +15,13 @@ step as measured on finished steps, `other` tokens of requests that do not
 draft (prefill chunks). tau (tokens emitted per drafting request per round,
 bonus included) and v (drafts verified per drafting request) are running means
 over earlier verifications. While the guard skips, it drafts two steps in a
-row once every `probe_every` steps so that tau follows the text; the batch
-size is read fresh every step, so a change of load changes the decision at once.
+row (a probe) at the end of every skip cycle so that tau follows the text. The
+first cycle of a spell is `probe_every` steps; each cycle that ends still
+skipping doubles the next, up to `max_probe_every`, so that where speculation
+keeps losing (a compute-bound host under load) the probes, which cost what it
+loses, fade to about 1% of steps. A step that drafts ends the spell. The batch
+size is read fresh every step and every load bucket keeps its own cycle, so a
+change of load changes the decision at once.
 
 The profile cannot see everything that grows with the batch (attention over
 long contexts, logits and sampling of every verified row), so the guard also
@@ -54,7 +59,8 @@ def bucket(num_requests: int) -> int:
 
 @dataclass
 class BreakEvenGuard:
-    probe_every: int = 16  # one probe (two steps the other way) every this many steps
+    probe_every: int = 16  # one probe (two drafting steps) ends the first skip cycle of this many steps
+    max_probe_every: int = 256  # skip cycles double up to this while speculation keeps losing
     smoothing: float = 0.1  # weight of a new observation in the running means
     refresh_steps: int = 1024  # re-measure plain decoding after this many decisions
     tau: float | None = None  # tokens emitted per drafting request per round (None: not seen yet)
@@ -64,6 +70,7 @@ class BreakEvenGuard:
     plain_rate: dict[int, float] = field(default_factory=dict)  # bucket -> tokens / (request s), plain
     plain_seen: dict[int, int] = field(default_factory=dict)  # bucket -> decision count when last measured
     samples: dict[tuple[bool, int], int] = field(default_factory=dict)  # (drafting, bucket) -> steps measured
+    skip_cycle: dict[int, tuple[int, int]] = field(default_factory=dict)  # bucket -> (steps into cycle, length)
 
     def _mean(self, table: dict[int, float], key: int, value: float, drafting: bool) -> None:
         """Running mean: the plain average of the first 1 / smoothing samples, then exponential.
@@ -121,12 +128,23 @@ class BreakEvenGuard:
         if self.tau is None:
             return True  # nothing measured yet: find out
         self.step += 1
-        phase = self.step % self.probe_every
+        key = bucket(num_requests)
         speculative, plain = self.rates(num_requests, other_tokens, cost)
         if speculative <= plain:
-            return phase >= self.probe_every - 2  # probe: the last two steps of each cycle draft
-        key = bucket(num_requests)
+            return self._probe(key)
+        self.skip_cycle.pop(key, None)  # speculation pays: a later skip spell starts short again
         stale = self.step - self.plain_seen.get(key, -self.refresh_steps) >= self.refresh_steps
         if key in self.spec_rate and stale:
-            return phase >= 2  # explore: the first two steps of the cycle decode plainly
+            return self.step % self.probe_every >= 2  # explore: two plain steps per probe_every
         return True
+
+    def _probe(self, key: int) -> bool:
+        """A skipped step, unless it is one of the last two of its skip cycle (a probe).
+        A cycle that ends still skipping doubles the next one (up to max_probe_every)."""
+        done, length = self.skip_cycle.get(key, (0, self.probe_every))
+        done += 1
+        probe = done > length - 2
+        if done == length:
+            done, length = 0, min(2 * length, self.max_probe_every)
+        self.skip_cycle[key] = (done, length)
+        return probe

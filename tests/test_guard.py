@@ -73,7 +73,7 @@ def test_measured_rates_decide_where_the_profile_is_wrong():
     guard.observe_step(64, verified=False, drafted=False, emitted=64, seconds=0.006)
     assert guard.rates(64, 0, wide) == pytest.approx((64 * 2.7 / 0.020, 64 / 0.006))
     decisions = [guard.should_draft(64, 0, wide) for _ in range(2 * guard.probe_every)]
-    assert decisions.count(True) == 4  # skip, probing two drafting steps per cycle
+    assert decisions.count(True) == 2  # skip, probing at the end of the first cycle (the next is twice as long)
     assert guard.should_draft(1, 0, StepCost(profile, draft_s=profile.draft_seconds(1)))  # another bucket: model
     # A prefill chunk in the step costs what the profile says it adds, both ways: nothing
     # on the flat curve, so the measured rates still decide.
@@ -130,12 +130,20 @@ def test_a_finished_prompt_is_not_decode_work():
 def test_probing_resumes_drafting():
     guard = seen(tau=1.5)
     steep = cost("steep")
-    decisions = [guard.should_draft(1, 0, steep) for _ in range(3 * guard.probe_every)]
+    cycles = [16, 32, 64, 128, 256, 256]  # each cycle that ends still skipping doubles the next, up to 256
+    assert (guard.probe_every, guard.max_probe_every) == (cycles[0], cycles[-1])
+    decisions = [guard.should_draft(1, 0, steep) for _ in range(sum(cycles))]
     # skipped, except two probing steps in a row at the end of every cycle
-    assert decisions.count(True) == 6
-    assert all(decisions[i] == ((i + 1) % guard.probe_every >= guard.probe_every - 2) for i in range(len(decisions)))
-    # the curve flattens (e.g. load fell on a padded engine): the next step drafts again
+    ends = [sum(cycles[: i + 1]) for i in range(len(cycles))]
+    assert [i for i, d in enumerate(decisions) if d] == [end - k for end in ends for k in (2, 1)]
+    # the curve flattens (e.g. load fell on a padded engine): the next step drafts again...
     assert guard.should_draft(1, 0, cost("flat"))
+    # ...and a later skip spell starts with a short cycle again
+    spell = [guard.should_draft(1, 0, steep) for _ in range(guard.probe_every)]
+    assert [i for i, d in enumerate(spell) if d] == [guard.probe_every - 2, guard.probe_every - 1]
+    # every load bucket keeps its own cycle
+    assert set(guard.skip_cycle) == {1} and not guard.should_draft(64, 0, cost("steep", 64))
+    assert guard.skip_cycle[7] == (1, guard.probe_every) and guard.skip_cycle[1] == (0, 2 * guard.probe_every)
     # on the steep curve, probes that find the text predictable again bring drafting back
     for _ in range(30):
         guard.observe(num_requests=1, num_verified=7, num_accepted=5)
