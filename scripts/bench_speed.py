@@ -232,7 +232,8 @@ def plot(result, path):
         ax.set_title(title)
         ax.legend()
     fig.suptitle(f"{os.path.basename(result['target'].rstrip('/'))}, {result['dtype']}, "
-                 f"T={result['temperature']}, {result['max_tokens']} tokens")
+                 f"T={result['temperature']}, {result['max_tokens']} tokens"
+                 + (f"; {h['cpu']} ({h['capability']}), {h['threads']} threads" if (h := result.get("host")) else ""))
     fig.tight_layout()
     fig.savefig(path, dpi=120)
 
