@@ -463,7 +463,6 @@ class DSparkProposer:
 
         cfg = self.draft_config
         device = next(target_model.parameters()).device
-        self.cache_dtype = self.vllm_config.model_config.dtype  # what vLLM's attention layers take
         self.dtype = draft_dtype(self.options.draft_dtype, self.cache_dtype, device)
         self.model = load_draft_model(self.options.draft_model, self.dtype, device)
         self.share_with_target(target_model)

@@ -29,8 +29,8 @@ order; a row reports the median (speed, ratio) and keeps each round's row in
 minutes, so one round's ratios can mislead; the range shows how far.
 
 The output records the host (CPU, threads, whether it has native bf16 GEMMs):
-on the CPU the ratios depend on it. The model's own dtype by default (`--dtype auto`: what users run, bf16 for
-the default pair).
+on the CPU the ratios depend on it. The model's own dtype by default
+(`--dtype auto`: what users run, bf16 for the default pair).
 """
 
 import argparse
