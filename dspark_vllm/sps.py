@@ -331,6 +331,24 @@ def cache_path(cache_dir: str | Path, model: str, hardware: str, settings: dict)
 
 # ---------------------------------------------------------------- measuring
 
+def monotone_times(seconds: dict[int, float]) -> dict[int, float]:
+    """Measured step times per size, made non-decreasing in the size.
+
+    A bigger batch never takes less time, and timing noise only ever adds time
+    (a preemption, another process's burst), never removes it. So where a bigger
+    batch was measured faster, the smaller one's time was inflated: each size
+    takes the fastest time measured at it or at any bigger size. (A running
+    maximum from the left would do the opposite: one slow outlier at a small
+    size would lift the whole curve above it, and Algorithm 1 would see a cost
+    step that is not there.)
+    """
+    out, fastest = {}, float("inf")
+    for size in sorted(seconds, reverse=True):
+        fastest = min(fastest, seconds[size])
+        out[size] = fastest
+    return dict(sorted(out.items()))
+
+
 def measure_sizes(max_num_batched_tokens: int, dense_upto: int = 32, growth: float = 1.25,
                   include=()) -> list[int]:
     """Batch sizes to measure: every B in 1..dense_upto, then geometric steps of

@@ -1164,12 +1164,9 @@ class DSparkRunnerMixin:
         for R in sps_profile.measure_sizes(self.scheduler_config.max_num_seqs, dense_upto=4, growth=2.0):
             self._dspark_dummy_draft(R)
             drafts[R] = _best_time(lambda: self._dspark_dummy_draft(R))
-        # A bigger batch never takes less time; a dip is timing noise, and noise
-        # in the curve stops Algorithm 1's early stop at the wrong place.
-        slowest = 0.0
-        for B in sorted(points):
-            slowest = max(slowest, points[B])
-            points[B] = 1.0 / slowest
+        # Noise in the curve stops Algorithm 1's early stop at the wrong place.
+        points = {B: 1.0 / t for B, t in sps_profile.monotone_times(points).items()}
+        drafts = sps_profile.monotone_times(drafts)
         # Eager engines (the CPU) do not pad batches to buckets: interpolate between sizes.
         shape = "linear" if self.device.type == "cpu" or self.model_config.enforce_eager else "step"
         return sps_profile.make_profile(points, self.model_config.model, _hardware_name(self.device),
@@ -1249,7 +1246,7 @@ def _hardware_name(device) -> str:
     return f"cpu:{platform.processor() or platform.machine()}:{torch.get_num_threads()}threads"
 
 
-def _best_time(fn, repeats: int = 3) -> float:
+def _best_time(fn, repeats: int = 5) -> float:
     """Fastest of a few runs: the cost of the step itself, without scheduling noise."""
     # CUDA kernels run asynchronously: time them to completion, not their launch.
     sync = torch.cuda.synchronize if torch.cuda.is_available() and torch.cuda.is_initialized() else (lambda: None)

@@ -28,6 +28,7 @@ from dspark_vllm.sps import (
     load_profile,
     make_profile,
     measure_sizes,
+    monotone_times,
     synthetic_profile,
 )
 from dspark_vllm.verification import accept_probs, residual, verify
@@ -163,6 +164,18 @@ def test_measure_sizes():
     assert measure_sizes(5) == [1, 2, 3, 4, 5] and measure_sizes(1) == [1]
     with pytest.raises(DSparkConfigError, match="max_num_batched_tokens"):
         measure_sizes(0)
+
+
+def test_monotone_times_drops_slow_outliers_instead_of_spreading_them():
+    # One slow outlier at B=4 (another process ran then) must not lift B=5..20,
+    # which were measured faster: a running maximum would make B=4..20 cost 5 ms
+    # and Algorithm 1 would stop at 3 tokens.
+    measured = {1: 2.0e-3, 2: 2.1e-3, 3: 2.2e-3, 4: 5.0e-3, 5: 2.3e-3, 8: 2.4e-3, 20: 2.9e-3, 64: 2.8e-3, 128: 6e-3}
+    times = monotone_times(measured)
+    assert list(times) == sorted(measured)
+    assert times[4] == 2.3e-3 and times[20] == 2.8e-3 and times[64] == 2.8e-3 and times[1] == 2.0e-3
+    assert all(a <= b for a, b in zip(list(times.values()), list(times.values())[1:]))
+    assert all(times[b] <= measured[b] for b in measured)  # never slower than measured
 
 
 def test_synthetic_profiles():
