@@ -31,7 +31,9 @@ the next) and of plain steps (neither). Other tokens in a step (prefill chunks,
 the prompt of a request whose prefill ends in it) are costed by the profile's
 marginal T(B + other) - T(B): taken out of a measured step, added to a
 predicted one. Under steady arrivals nearly every step carries a prompt, so
-this is what lets the measurements decide at high load. Where the drafting
+this is what lets the measurements decide at high load. The profile underrates
+prefill (its forwards attend over no context), so a step mostly made of other
+tokens is measured only until its bucket sees a step that is not (`_mean`). Where the drafting
 rate is known but the plain one is not, or is older than `refresh_steps`, the
 guard skips two steps in a row to measure plain decoding (the profile plus a
 constant overhead learned on wide drafting steps underrates it: at 64 requests
@@ -71,14 +73,30 @@ class BreakEvenGuard:
     plain_seen: dict[int, int] = field(default_factory=dict)  # bucket -> decision count when last measured
     samples: dict[tuple[bool, int], int] = field(default_factory=dict)  # (drafting, bucket) -> steps measured
     skip_cycle: dict[int, tuple[int, int]] = field(default_factory=dict)  # bucket -> (steps into cycle, length)
+    max_estimated_share: float = 0.25  # a step whose other tokens cost more (by the profile) is "mixed"
+    clean: set[tuple[bool, int]] = field(default_factory=set)  # (drafting, bucket) with a clean sample
 
-    def _mean(self, table: dict[int, float], key: int, value: float, drafting: bool) -> None:
+    def _mean(self, table: dict[int, float], key: int, value: float, drafting: bool, clean: bool = True) -> bool:
         """Running mean: the plain average of the first 1 / smoothing samples, then exponential.
         (Starting the exponential mean at the first sample let one slow step, such as the
-        first decode step after a prefill, set a bucket's rate for dozens of steps.)"""
-        n = self.samples[drafting, key] = self.samples.get((drafting, key), 0) + 1
+        first decode step after a prefill, set a bucket's rate for dozens of steps.)
+
+        A mixed sample (a step mostly made of other requests' prompt tokens, whose cost
+        is the profile's estimate, which underrates real prefill) counts only until the
+        bucket has a clean one: the first clean sample restarts the mean and later mixed
+        ones are left out. Without this, the prefill burst of a batch arriving at once
+        set the rate of the buckets it passed through for the rest of the load level.
+        Returns whether the sample counted."""
+        sample = drafting, key
+        if clean and sample not in self.clean:
+            self.clean.add(sample)
+            self.samples.pop(sample, None)
+        elif not clean and sample in self.clean:
+            return False
+        n = self.samples[sample] = self.samples.get(sample, 0) + 1
         weight = max(1.0 / n, self.smoothing)
         table[key] = value if n == 1 else table[key] + weight * (value - table[key])
+        return True
 
     def observe(self, num_requests: int, num_verified: int, num_accepted: int) -> None:
         """One verification step of `num_requests` requests that had drafted."""
@@ -98,12 +116,14 @@ class BreakEvenGuard:
         and drafted one, tokens emitted, its time, and the profile's cost of the other
         tokens that shared it (`StepCost.extra_seconds`), which is taken out. A step that
         did only one of the two is a transition and measures neither way."""
+        clean = other_s <= self.max_estimated_share * seconds
         seconds -= other_s
         if num_requests <= 0 or seconds <= 0 or verified != drafted:
             return
         key = bucket(num_requests)
-        self._mean(self.spec_rate if drafted else self.plain_rate, key, emitted / (num_requests * seconds), drafted)
-        if not drafted:
+        table = self.spec_rate if drafted else self.plain_rate
+        counted = self._mean(table, key, emitted / (num_requests * seconds), drafted, clean)
+        if counted and not drafted:
             self.plain_seen[key] = self.step
 
     def rates(self, num_requests: int, other_tokens: int, cost: StepCost) -> tuple[float, float]:

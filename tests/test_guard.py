@@ -113,6 +113,28 @@ def test_other_tokens_cost_the_profile_margin_both_ways():
     assert fresh.plain_rate[7] == pytest.approx(1 / 0.006)
 
 
+def test_a_clean_step_supersedes_steps_mostly_made_of_prefill():
+    """A batch arriving at once passes its first buckets while long prompt chunks fill
+    the steps; the profile underrates them, so those rates read low. They count only
+    until the bucket has a step that is mostly decode work, which restarts its mean."""
+    guard = seen(tau=4.0)
+    # 60 requests drafting next to 3800 prompt tokens the profile puts at 10 of the 30 ms.
+    guard.observe_step(60, verified=True, drafted=True, emitted=240, seconds=0.030, other_s=0.010)
+    assert guard.spec_rate[6] == pytest.approx(240 / (60 * 0.020))
+    guard.observe_step(60, verified=True, drafted=True, emitted=240, seconds=0.012)  # clean: restarts
+    assert guard.spec_rate[6] == pytest.approx(240 / (60 * 0.012))
+    guard.observe_step(60, verified=True, drafted=True, emitted=240, seconds=0.030, other_s=0.010)  # left out
+    assert guard.spec_rate[6] == pytest.approx(240 / (60 * 0.012))
+    # A small prompt chunk (under a quarter of the step by the profile) is still measured.
+    guard.observe_step(60, verified=True, drafted=True, emitted=240, seconds=0.014, other_s=0.002)
+    assert guard.spec_rate[6] == pytest.approx((240 / (60 * 0.012) + 240 / (60 * 0.012)) / 2)
+    # Plain rates alike, and a left-out plain step does not count as a fresh measurement.
+    guard.observe_step(60, verified=False, drafted=False, emitted=60, seconds=0.006)
+    guard.step = 50
+    guard.observe_step(60, verified=False, drafted=False, emitted=60, seconds=0.030, other_s=0.020)
+    assert guard.plain_rate[6] == pytest.approx(1 / 0.006) and guard.plain_seen[6] == 0
+
+
 def test_a_finished_prompt_is_not_decode_work():
     """other_token_count: a request whose prefill ends in this step samples (so it may
     draft) but its prompt chunk counts as other tokens; a decoding request brings one
