@@ -18,6 +18,7 @@ same work; c=1 is requests one by one, c=64 about one batch). Per row and c:
                         included (DSpark: the plugin's counters; ngram: vLLM's)
   drafting_step_fraction  share of engine steps in which the drafter ran
                         (the break-even guard skips the others; DSpark only)
+  model_dtype           what the engine's model ran in (--dtype; the checkpoint's by default)
   draft_dtype           what the drafter ran in (DSpark only; --draft-dtype, auto by default)
   identical_to_plain    greedy: every answer equals plain decoding's (null when sampling)
   answers_differing, first_difference_at   greedy: how many answers differ from plain
@@ -141,6 +142,7 @@ async def bench_engine(args, name, prompts, levels):
             tokens = sum(len(t) for t in got.values())
             row = {"engine": name, "concurrency": c, "output_tokens_per_s": tokens / wall, "wall_s": wall,
                    "requests": len(got), "tokens": tokens,
+                   "model_dtype": str(engine.model_config.dtype).removeprefix("torch."),
                    "tau": 1 + delta["accepted"] / delta["rounds"] if delta["rounds"] else None}
             if is_dspark:
                 row["drafting_step_fraction"] = delta["drafting_steps"] / max(delta["steps"], 1.0)
@@ -260,6 +262,11 @@ def main(argv=None):
     os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "2")
     from transformers import AutoConfig
 
+    if args.dtype == "auto":
+        # The checkpoint's dtype, passed on explicitly: vLLM's own "auto" downcasts a
+        # float32 checkpoint to bf16 on CPUs with native bf16, so the row would not run
+        # in the dtype it reports.
+        args.dtype = str(AutoConfig.from_pretrained(args.target).dtype).removeprefix("torch.")
     prompts = load_prompts(args.target, args.prompts, args.num_prompts, args.raw)
     too_long = [i for i, p in enumerate(prompts) if len(p) + args.max_tokens > args.max_model_len]
     if too_long:
@@ -278,9 +285,8 @@ def main(argv=None):
         compare_to_plain(results, answers, args.temperature)
         rounds.append(results)
     results = combine_rounds(rounds)
-    dtype = args.dtype if args.dtype != "auto" else str(AutoConfig.from_pretrained(args.target).dtype).removeprefix("torch.")
     out = {"target": args.target, "draft": args.draft, "prompts": args.prompts, "num_prompts": len(prompts),
-           "max_tokens": args.max_tokens, "temperature": args.temperature, "dtype": dtype,
+           "max_tokens": args.max_tokens, "temperature": args.temperature, "dtype": args.dtype,
            "calibration": args.calibration, "host": host(),
            "command": " ".join([os.path.basename(sys.argv[0])] + sys.argv[1:]),
            "greedy_outputs_identical": (all(r["identical_to_plain"] for r in results)

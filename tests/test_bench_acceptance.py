@@ -77,7 +77,8 @@ def test_bench_speed(fixture_paths, tmp_path):
     # The random drafter does not pay on the steep example curve: the guard skips most drafting.
     for c in (1, 4):
         assert 0.0 < rows[("dspark-sync", c)]["drafting_step_fraction"] < 0.5
-    assert r["dtype"] == "float32"  # the fixture's own dtype
+    # The fixture's own dtype, for every engine (vLLM's "auto" would downcast it on CPUs with native bf16).
+    assert r["dtype"] == "float32" and {x["model_dtype"] for x in rows.values()} == {"float32"}
     assert {rows[("dspark-fixed", c)]["draft_dtype"] for c in (1, 4)} == {"float32"}  # auto, float32 model
     assert r["host"]["threads"] >= 1 and r["host"]["capability"]
     assert png.stat().st_size > 0
