@@ -157,7 +157,7 @@ class SPSProfile(BaseModel):
             slope = max(0.0, (t_last - 1.0 / sps[-2]) / (b_last - sizes[-2]))
         else:
             slope = t_last / b_last
-        beyond = 1.0 / (t_last + slope * (b - b_last))
+        beyond = 1.0 / (t_last + slope * (np.maximum(b, b_last) - b_last))  # only read where b > b_last
         return np.where(b > b_last, beyond, inside)
 
     def sps(self, tokens: int) -> float:
