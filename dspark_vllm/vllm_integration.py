@@ -271,10 +271,19 @@ class DSparkScheduler(Scheduler):
     def update_draft_token_ids(self, draft_token_ids) -> None:
         from vllm.sampling_params import SamplingType
 
-        super().update_draft_token_ids(draft_token_ids)
         rejected = self._dspark_rejected_draft
+        if not any(draft_token_ids.draft_token_ids):
+            # Nobody drafted (the guard skipped the drafter): scheduling emptied every
+            # request's drafts already, so vLLM's per-request update would only set [] again.
+            for req_id in draft_token_ids.req_ids if rejected else ():
+                rejected.pop(req_id, None)
+            return
+        super().update_draft_token_ids(draft_token_ids)
         for req_id, drafts in zip(draft_token_ids.req_ids, draft_token_ids.draft_token_ids):
-            rejected.pop(req_id, None)
+            if rejected:
+                rejected.pop(req_id, None)
+            if not drafts:
+                continue
             request = self.requests.get(req_id)
             if (request is None or request.is_finished() or request.is_prefill_chunk
                     or not request.use_structured_output or request.sampling_params is None
