@@ -9,13 +9,21 @@ second of the two ways to run the next step for the R requests in the batch:
     speculative  R * tau            / (T(R + R*v + other) + overhead + D(R))
     plain        R                  / (T(R + other)       + overhead)
 
+and drafts when speculative beats plain by more than `min_gain` (10%). The margin
+is for what a step's rate does not see: the measured rates move by 10-20% from
+step to step on shared cores, a switch costs two steps (below), and drafting
+desynchronizes a batch (its requests accept at different rates, so fast ones
+finish early and a batch that nobody refills ends in a tail of a few requests;
+a step that barely pays across the whole batch makes the slowest requests
+slower than plain decoding would).
+
 T(B) is the profile's target forward at B tokens, D(R) a drafting round for R
 requests (profiled, scaled by what serving measures), `overhead` the rest of a
 step as measured on finished steps, `other` tokens of requests that do not
 draft (prefill chunks). tau (tokens emitted per drafting request per round,
 bonus included) and v (drafts verified per drafting request) are running means
-over earlier verifications. While the guard skips, it drafts two steps in a
-row (a probe) at the end of every skip cycle so that tau follows the text. The
+over earlier verifications. While the guard skips, it drafts `probe_steps` steps
+in a row (a probe) at the end of every skip cycle so that tau follows the text. The
 first cycle of a spell is `probe_every` steps; each cycle that ends still
 skipping doubles the next, up to `max_probe_every`, so that where speculation
 keeps losing (a compute-bound host under load) the probes, which cost what it
@@ -35,9 +43,13 @@ this is what lets the measurements decide at high load. The profile underrates
 prefill (its forwards attend over no context), so a step mostly made of other
 tokens is measured only until its bucket sees a step that is not (`_mean`). Where the drafting
 rate is known but the plain one is not, or is older than `refresh_steps`, the
-guard skips two steps in a row to measure plain decoding (the profile plus a
+guard skips `probe_steps` steps in a row to measure plain decoding (the profile plus a
 constant overhead learned on wide drafting steps underrates it: at 64 requests
-it predicted 13 ms for a plain step that takes 6.5 ms).
+it predicted 13 ms for a plain step that takes 6.5 ms). A step that switches
+ways (verifies without drafting, or drafts without verifying) measures neither,
+and neither does the step after it: the first plain step after a drafting one
+runs slow (18-21 ms against 12-15 at 64 requests here), so a switch costs two
+steps and a probe or a plain measurement takes three.
 
 Why it is lossless: the decision uses finished steps and the batch size only,
 and is taken before this step's drafts exist. Verifying no draft (the request
@@ -61,7 +73,9 @@ def bucket(num_requests: int) -> int:
 
 @dataclass
 class BreakEvenGuard:
-    probe_every: int = 16  # one probe (two drafting steps) ends the first skip cycle of this many steps
+    probe_every: int = 16  # one probe (probe_steps drafting steps) ends the first skip cycle of this many steps
+    probe_steps: int = 3  # a switch, a settling step, one measured step (see the module doc)
+    min_gain: float = 0.1  # draft where speculation's expected rate beats plain's by more than this
     max_probe_every: int = 256  # skip cycles double up to this while speculation keeps losing
     smoothing: float = 0.1  # weight of a new observation in the running means
     refresh_steps: int = 1024  # re-measure plain decoding after this many decisions
@@ -75,6 +89,7 @@ class BreakEvenGuard:
     skip_cycle: dict[int, tuple[int, int]] = field(default_factory=dict)  # bucket -> (steps into cycle, length)
     max_estimated_share: float = 0.25  # a step whose other tokens cost more (by the profile) is "mixed"
     clean: set[tuple[bool, int]] = field(default_factory=set)  # (drafting, bucket) with a clean sample
+    settling: bool = False  # the last step switched ways: the next one measures neither
 
     def _mean(self, table: dict[int, float], key: int, value: float, drafting: bool, clean: bool = True) -> bool:
         """Running mean: the plain average of the first 1 / smoothing samples, then exponential.
@@ -115,10 +130,13 @@ class BreakEvenGuard:
         """A finished step of `num_requests` decoding requests: whether it verified a round
         and drafted one, tokens emitted, its time, and the profile's cost of the other
         tokens that shared it (`StepCost.extra_seconds`), which is taken out. A step that
-        did only one of the two is a transition and measures neither way."""
+        did only one of the two is a transition and measures neither way, nor does the
+        step after it."""
+        transition = verified != drafted
+        settling, self.settling = self.settling, transition
         clean = other_s <= self.max_estimated_share * seconds
         seconds -= other_s
-        if num_requests <= 0 or seconds <= 0 or verified != drafted:
+        if num_requests <= 0 or seconds <= 0 or transition or settling:
             return
         key = bucket(num_requests)
         table = self.spec_rate if drafted else self.plain_rate
@@ -150,20 +168,20 @@ class BreakEvenGuard:
         self.step += 1
         key = bucket(num_requests)
         speculative, plain = self.rates(num_requests, other_tokens, cost)
-        if speculative <= plain:
+        if speculative <= plain * (1.0 + self.min_gain):
             return self._probe(key)
         self.skip_cycle.pop(key, None)  # speculation pays: a later skip spell starts short again
         stale = self.step - self.plain_seen.get(key, -self.refresh_steps) >= self.refresh_steps
         if key in self.spec_rate and stale:
-            return self.step % self.probe_every >= 2  # explore: two plain steps per probe_every
+            return self.step % self.probe_every >= self.probe_steps  # explore: probe_steps plain steps
         return True
 
     def _probe(self, key: int) -> bool:
-        """A skipped step, unless it is one of the last two of its skip cycle (a probe).
-        A cycle that ends still skipping doubles the next one (up to max_probe_every)."""
+        """A skipped step, unless it is one of the last probe_steps of its skip cycle (a
+        probe). A cycle that ends still skipping doubles the next one (up to max_probe_every)."""
         done, length = self.skip_cycle.get(key, (0, self.probe_every))
         done += 1
-        probe = done > length - 2
+        probe = done > length - self.probe_steps
         if done == length:
             done, length = 0, min(2 * length, self.max_probe_every)
         self.skip_cycle[key] = (done, length)

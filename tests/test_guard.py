@@ -56,8 +56,9 @@ def test_load_and_other_tokens_enter_the_decision():
 def test_measured_rates_decide_where_the_profile_is_wrong():
     """On a flat profile 64 requests with tau 2.7 should draft. Serving measures drafting
     steps at 64 requests emitting 2.7 tokens per request in 20 ms; plain decoding is not
-    measured yet (the model says 10 ms), so the guard takes two plain steps in a cycle
-    to measure it, finds 6 ms, and skips; alone, a request keeps drafting."""
+    measured yet (the model says 10 ms), so the guard takes three plain steps in a cycle
+    to measure it (a switch, a settling step, one measured), finds 6 ms, and skips; alone,
+    a request keeps drafting."""
     profile = synthetic_profile("flat", 1024)
     wide = StepCost(profile, draft_s=profile.draft_seconds(64))
     guard = seen(tau=2.7, verified=5.0)
@@ -67,13 +68,14 @@ def test_measured_rates_decide_where_the_profile_is_wrong():
     speculative, plain = guard.rates(64, 0, wide)
     assert speculative == pytest.approx(64 * 2.7 / 0.020) and speculative > plain
     cycle = [guard.should_draft(64, 0, wide) for _ in range(guard.probe_every)]
-    assert cycle.count(False) == 2 and cycle.index(False) + 1 == cycle.index(False, cycle.index(False) + 1)
+    assert cycle.count(False) == 3 and "..." in "".join("d" if d else "." for d in cycle * 2)  # in a row
     guard.observe_step(64, verified=True, drafted=False, emitted=64, seconds=0.006)  # a transition: ignored
+    guard.observe_step(64, verified=False, drafted=False, emitted=64, seconds=0.018)  # settling: ignored
     assert guard.plain_rate == {}
     guard.observe_step(64, verified=False, drafted=False, emitted=64, seconds=0.006)
     assert guard.rates(64, 0, wide) == pytest.approx((64 * 2.7 / 0.020, 64 / 0.006))
     decisions = [guard.should_draft(64, 0, wide) for _ in range(2 * guard.probe_every)]
-    assert decisions.count(True) == 2  # skip, probing at the end of the first cycle (the next is twice as long)
+    assert decisions.count(True) == 3  # skip, probing at the end of the first cycle (the next is twice as long)
     assert guard.should_draft(1, 0, StepCost(profile, draft_s=profile.draft_seconds(1)))  # another bucket: model
     # A prefill chunk in the step costs what the profile says it adds, both ways: nothing
     # on the flat curve, so the measured rates still decide.
@@ -84,7 +86,7 @@ def test_measured_rates_decide_where_the_profile_is_wrong():
     fresh = [guard.should_draft(64, 0, wide) for _ in range(guard.probe_every)]
     assert all(fresh)
     guard.step += guard.refresh_steps
-    assert [guard.should_draft(64, 0, wide) for _ in range(guard.probe_every)].count(False) == 2
+    assert [guard.should_draft(64, 0, wide) for _ in range(guard.probe_every)].count(False) == 3
 
 
 def test_other_tokens_cost_the_profile_margin_both_ways():
@@ -98,6 +100,7 @@ def test_other_tokens_cost_the_profile_margin_both_ways():
     guard = seen(tau=2.7, verified=5.0)
     tau = guard.tau  # 2.75: what seen() could record with 4 requests
     guard.spec_rate[7], guard.plain_rate[7] = tau / 0.020, 1 / 0.006
+    guard.plain_seen[7] = 0  # measured just now: no exploring plain steps
     assert not guard.should_draft(64, 0, wide)
     extra_spec = wide.extra_seconds(64 + 320, 512)
     extra_plain = wide.extra_seconds(64, 512)
@@ -135,6 +138,39 @@ def test_a_clean_step_supersedes_steps_mostly_made_of_prefill():
     assert guard.plain_rate[6] == pytest.approx(1 / 0.006) and guard.plain_seen[6] == 0
 
 
+def test_a_switch_and_the_step_after_it_measure_neither_way():
+    """Switching ways costs two steps: the step that verifies the last round without
+    drafting (or drafts without verifying), and the one after it, which runs slow
+    (18-21 ms against 12-15 ms for the plain steps that follow, at 64 requests). A
+    probe or a plain measurement therefore takes three steps, and measures the third."""
+    guard = seen(tau=4.0)
+    for _ in range(3):
+        guard.observe_step(64, verified=True, drafted=True, emitted=256, seconds=0.040)
+    guard.observe_step(64, verified=True, drafted=False, emitted=256, seconds=0.036)  # the switch
+    guard.observe_step(64, verified=False, drafted=False, emitted=64, seconds=0.020)  # settling
+    assert guard.plain_rate == {} and guard.spec_rate[7] == pytest.approx(4.0 / 0.040)
+    guard.observe_step(64, verified=False, drafted=False, emitted=64, seconds=0.013)
+    assert guard.plain_rate[7] == pytest.approx(1 / 0.013)
+    guard.observe_step(64, verified=False, drafted=True, emitted=64, seconds=0.028)  # a probe's switch
+    guard.observe_step(64, verified=True, drafted=True, emitted=64 * 6, seconds=0.030)  # settling
+    assert guard.spec_rate[7] == pytest.approx(4.0 / 0.040)
+    guard.observe_step(64, verified=True, drafted=True, emitted=64 * 6, seconds=0.030)
+    assert guard.spec_rate[7] == pytest.approx((4.0 / 0.040 * 3 + 6.0 / 0.030) / 4)
+
+
+def test_speculation_must_beat_plain_by_the_margin():
+    """Measured drafting steps 5% faster per request than plain ones do not draft (the
+    margin covers noise, switches and a batch's desynchronized tail); 20% faster do."""
+    guard = seen(tau=4.0)
+    wide = cost("flat", 64)
+    guard.spec_rate[7], guard.plain_rate[7], guard.plain_seen[7] = 1.05 * 70.0, 70.0, 0
+    assert not guard.should_draft(64, 0, wide)
+    guard.spec_rate[7] = 1.2 * 70.0
+    assert guard.should_draft(64, 0, wide)
+    assert BreakEvenGuard(min_gain=0.0, tau=4.0, spec_rate={7: 1.05 * 70.0}, plain_rate={7: 70.0},
+                          plain_seen={7: 0}).should_draft(64, 0, wide)
+
+
 def test_a_finished_prompt_is_not_decode_work():
     """other_token_count: a request whose prefill ends in this step samples (so it may
     draft) but its prompt chunk counts as other tokens; a decoding request brings one
@@ -155,14 +191,14 @@ def test_probing_resumes_drafting():
     cycles = [16, 32, 64, 128, 256, 256]  # each cycle that ends still skipping doubles the next, up to 256
     assert (guard.probe_every, guard.max_probe_every) == (cycles[0], cycles[-1])
     decisions = [guard.should_draft(1, 0, steep) for _ in range(sum(cycles))]
-    # skipped, except two probing steps in a row at the end of every cycle
+    # skipped, except three probing steps in a row at the end of every cycle
     ends = [sum(cycles[: i + 1]) for i in range(len(cycles))]
-    assert [i for i, d in enumerate(decisions) if d] == [end - k for end in ends for k in (2, 1)]
+    assert [i for i, d in enumerate(decisions) if d] == [end - k for end in ends for k in (3, 2, 1)]
     # the curve flattens (e.g. load fell on a padded engine): the next step drafts again...
     assert guard.should_draft(1, 0, cost("flat"))
     # ...and a later skip spell starts with a short cycle again
     spell = [guard.should_draft(1, 0, steep) for _ in range(guard.probe_every)]
-    assert [i for i, d in enumerate(spell) if d] == [guard.probe_every - 2, guard.probe_every - 1]
+    assert [i for i, d in enumerate(spell) if d] == [guard.probe_every - k for k in (3, 2, 1)]
     # every load bucket keeps its own cycle
     assert set(guard.skip_cycle) == {1} and not guard.should_draft(64, 0, cost("steep", 64))
     assert guard.skip_cycle[7] == (1, guard.probe_every) and guard.skip_cycle[1] == (0, 2 * guard.probe_every)
