@@ -42,8 +42,10 @@ predicted one. Under steady arrivals nearly every step carries a prompt, so
 this is what lets the measurements decide at high load. The profile underrates
 prefill (its forwards attend over no context), so a step mostly made of other
 tokens is measured only until its bucket sees a step that is not (`_mean`). Where the drafting
-rate is known but the plain one is not, or is older than `refresh_steps`, the
-guard skips `probe_steps` steps in a row to measure plain decoding (the profile plus a
+rate is known but the plain one is not, the guard skips until a plain step is
+measured (at once: a new load level otherwise drafted up to `probe_every` steps on
+the cost model's word); where the plain rate is older than `refresh_steps`, it
+skips `probe_steps` steps in a row to measure it again (the profile plus a
 constant overhead learned on wide drafting steps underrates it: at 64 requests
 it predicted 13 ms for a plain step that takes 6.5 ms). A step that switches
 ways (verifies without drafting, or drafts without verifying) measures neither,
@@ -171,6 +173,8 @@ class BreakEvenGuard:
         if speculative <= plain * (1.0 + self.min_gain):
             return self._probe(key)
         self.skip_cycle.pop(key, None)  # speculation pays: a later skip spell starts short again
+        if key in self.spec_rate and key not in self.plain_seen:
+            return False  # plain decoding never measured at this load: measure it now
         stale = self.step - self.plain_seen.get(key, -self.refresh_steps) >= self.refresh_steps
         if key in self.spec_rate and stale:
             return self.step % self.probe_every >= self.probe_steps  # explore: probe_steps plain steps
