@@ -173,11 +173,11 @@ class BreakEvenGuard:
         if speculative <= plain * (1.0 + self.min_gain):
             return self._probe(key)
         self.skip_cycle.pop(key, None)  # speculation pays: a later skip spell starts short again
-        if key in self.spec_rate and key not in self.plain_seen:
-            return False  # plain decoding never measured at this load: measure it now
-        stale = self.step - self.plain_seen.get(key, -self.refresh_steps) >= self.refresh_steps
-        if key in self.spec_rate and stale:
-            return self.step % self.probe_every >= self.probe_steps  # explore: probe_steps plain steps
+        if key in self.spec_rate:  # drafting measured here: is plain decoding too, and lately?
+            if key not in self.plain_seen:
+                return False  # never: measure it now
+            if self.step - self.plain_seen[key] >= self.refresh_steps:
+                return self.step % self.probe_every >= self.probe_steps  # explore: probe_steps plain steps
         return True
 
     def _probe(self, key: int) -> bool:

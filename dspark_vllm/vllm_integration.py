@@ -271,17 +271,13 @@ class DSparkScheduler(Scheduler):
     def update_draft_token_ids(self, draft_token_ids) -> None:
         from vllm.sampling_params import SamplingType
 
+        if any(draft_token_ids.draft_token_ids):
+            # (Where nobody drafted, the guard skipped the drafter: scheduling emptied every
+            # request's drafts already, and vLLM's per-request update would only set [] again.)
+            super().update_draft_token_ids(draft_token_ids)
         rejected = self._dspark_rejected_draft
-        if not any(draft_token_ids.draft_token_ids):
-            # Nobody drafted (the guard skipped the drafter): scheduling emptied every
-            # request's drafts already, so vLLM's per-request update would only set [] again.
-            for req_id in draft_token_ids.req_ids if rejected else ():
-                rejected.pop(req_id, None)
-            return
-        super().update_draft_token_ids(draft_token_ids)
         for req_id, drafts in zip(draft_token_ids.req_ids, draft_token_ids.draft_token_ids):
-            if rejected:
-                rejected.pop(req_id, None)
+            rejected.pop(req_id, None)
             if not drafts:
                 continue
             request = self.requests.get(req_id)
@@ -409,6 +405,21 @@ def round_rows(round_req_ids: list[str] | None, req_ids: list[str]) -> np.ndarra
         return np.full(len(req_ids), -1, dtype=np.int64)
     row_of = {req_id: r for r, req_id in enumerate(round_req_ids)}
     return np.fromiter((row_of.get(req_id, -1) for req_id in req_ids), dtype=np.int64, count=len(req_ids))
+
+
+@dataclass
+class FinishedStep:
+    """A step whose cost the guard and the cost model learn once the next one starts
+    (`DSparkRunnerMixin._dspark_settle`)."""
+
+    cost: sps_profile.StepCost  # the cost model of the step (its drafting requests)
+    num_scheduled_tokens: int
+    num_drafting: int  # requests that drafted in it
+    draft_s: float  # its drafting round's time
+    num_decoding: int  # requests that could draft in it
+    other_tokens: int  # scheduled tokens of other requests (prefill chunks)
+    emitted: int | None  # tokens it emitted; None where it verified nothing
+    measured: float  # seconds in the worker
 
 
 class DSparkProposer:
@@ -857,7 +868,7 @@ class DSparkRunnerMixin:
             self.sampler, self.speculative_config, self.device, self.drafter, self)
         self._dspark_step_start = None
         self._dspark_step_end = None
-        self._dspark_unsettled = None  # the last step, until the next one starts (_dspark_settle)
+        self._dspark_unsettled: FinishedStep | None = None  # the last step, until the next one starts
         self._dspark_attn = None  # (kv cache group, metadata builder) of the draft layers
         self.speculative_steps = 0  # steps that took vLLM's speculative path (for dspark_info)
         self._dspark_restore_logits_processors()
@@ -1078,7 +1089,7 @@ class DSparkRunnerMixin:
             # process, the front end's output handling) belongs to the step whose output it
             # handles; an idle engine's pause is no step cost.
             gap = start - prev_end if prev_end is not None and start - prev_end < 0.05 else 0.0
-            self._dspark_settle(*self._dspark_unsettled, gap)
+            self._dspark_settle(self._dspark_unsettled, gap)
             self._dspark_unsettled = None
         return super().execute_model(*args, **kwargs)
 
@@ -1106,33 +1117,32 @@ class DSparkRunnerMixin:
         drafter: DSparkProposer = self.drafter
         now, start = time.perf_counter(), self._dspark_step_start
         measured = predicted = None
-        cost = drafter.step_cost(num_drafting)
         if start is not None:
             measured = now - start
+            cost = drafter.step_cost(num_drafting)
             if cost is not None:
                 predicted = float(cost.step_seconds(np.array([num_scheduled_tokens]))[0])
-                self._dspark_unsettled = (num_scheduled_tokens, num_drafting, draft_s, num_decoding, other_tokens,
-                                          drafter.step_emitted, measured)
+                self._dspark_unsettled = FinishedStep(cost, num_scheduled_tokens, num_drafting, draft_s,
+                                                      num_decoding, other_tokens, drafter.step_emitted, measured)
         drafter.stats.record_step(num_drafting, drafter.num_tokens, budget, measured, predicted)
         drafter.step_emitted = None
         self._dspark_step_start, self._dspark_step_end = None, now
 
-    def _dspark_settle(self, num_scheduled_tokens: int, num_drafting: int, draft_s: float, num_decoding: int,
-                       other_tokens: int, emitted: int | None, measured: float, gap: float) -> None:
-        """A finished step's cost, `measured` in the worker plus the `gap` after it, teaches
+    def _dspark_settle(self, step: FinishedStep, gap: float) -> None:
+        """A finished step's cost, measured in the worker plus the `gap` after it, teaches
         the cost model its overhead and the guard the step's rate. (Charging each step the
         gap before it instead made the first plain step after a drafting one pay for that
         step's four-times-larger output: 21 ms against 13-15 ms at 64 requests.)"""
         drafter: DSparkProposer = self.drafter
-        cost = drafter.step_cost(num_drafting)
-        seconds = measured + gap
-        target_s = 1.0 / drafter.profile.sps(num_scheduled_tokens)
-        drafter.learned.observe(num_scheduled_tokens, target_s, seconds - draft_s, draft_s,
-                                drafter.profile.draft_seconds(num_drafting))
+        seconds = step.measured + gap
+        tokens = step.num_scheduled_tokens
+        drafter.learned.observe(tokens, 1.0 / drafter.profile.sps(tokens), seconds - step.draft_s, step.draft_s,
+                                drafter.profile.draft_seconds(step.num_drafting))
         if drafter.guard is not None:
-            other_s = cost.extra_seconds(num_scheduled_tokens - other_tokens, other_tokens)
-            drafter.guard.observe_step(num_decoding, emitted is not None, num_drafting > 0,
-                                       num_decoding if emitted is None else emitted, seconds, other_s)
+            other_s = step.cost.extra_seconds(tokens - step.other_tokens, step.other_tokens)
+            emitted = step.num_decoding if step.emitted is None else step.emitted
+            drafter.guard.observe_step(step.num_decoding, step.emitted is not None, step.num_drafting > 0,
+                                       emitted, seconds, other_s)
 
     # -- engine cost profile SPS(B) ----------------------------------------
     def dspark_load_or_measure_profile(self) -> None:
