@@ -154,6 +154,52 @@ def test_markov_head_inference_form_follows_weight_updates(head_type):
             head.markov_w1.weight.add_(0.5)
 
 
+@pytest.mark.parametrize("head", ["vanilla", "rnn", "none"])
+def test_packed_forward_equals_one_sequence_at_a_time(hf_data, fixture_paths, head):
+    """Sequences packed into one forward give each block what its own sequence's forward
+    gives, and the same loss and gradient: no block sees another sequence's context,
+    labels or positions."""
+    from dspark_vllm.training.blocks import anchor_candidates, block_forward, pack
+    from dspark_vllm.training.loss import dspark_loss
+    from dspark_vllm.training.train import draft_config, init_trainable_draft, load_target_head
+
+    data = TrainingData(hf_data)
+    cfg = TrainConfig(data=str(hf_data), target=fixture_paths["target"], out="unused", head=head, **TINY)
+    model = init_trainable_draft(draft_config(cfg, data), *load_target_head(cfg.target), seed=1)
+    samples = [data[i] for i in (0, 2, 3)]
+    # every candidate, so the last blocks of each sequence run past its end
+    anchors = [anchor_candidates(s.loss_mask) for s in samples]
+
+    def loss_and_grads(preds):
+        model.zero_grad()
+        loss = sum(dspark_loss(p, cfg.loss_weights).numerator for p in preds)
+        loss.backward()
+        return loss.detach(), [p.grad.clone() for p in model.parameters() if p.grad is not None]
+
+    one = [block_forward(model, s.input_ids, s.loss_mask, s.features, s.last_hidden, a)
+           for s, a in zip(samples, anchors)]
+    p = pack(samples, anchors)
+    assert p.segments.tolist() == sum(([j] * len(s.input_ids) for j, s in enumerate(samples)), [])
+    packed = block_forward(model, p.input_ids, p.loss_mask, p.features, p.last_hidden, p.anchors,
+                           segments=p.segments)
+    mask = torch.cat([o.labels.mask for o in one])
+    assert torch.equal(packed.labels.mask, mask) and 0 < mask.sum() < mask.numel()
+    live = mask.bool()
+    torch.testing.assert_close(packed.logits[live], torch.cat([o.logits for o in one])[live])
+    torch.testing.assert_close(packed.target_logits[live], torch.cat([o.target_logits for o in one])[live])
+    if head != "none":
+        torch.testing.assert_close(packed.confidence_logits[live],
+                                   torch.cat([o.confidence_logits for o in one])[live])
+    loss_one, grads_one = loss_and_grads(one)
+    packed = block_forward(model, p.input_ids, p.loss_mask, p.features, p.last_hidden, p.anchors,
+                           segments=p.segments)
+    loss_packed, grads_packed = loss_and_grads([packed])
+    torch.testing.assert_close(loss_packed, loss_one)
+    assert len(grads_packed) == len(grads_one) > 0
+    for a, b in zip(grads_packed, grads_one):
+        torch.testing.assert_close(a, b, atol=1e-5 * b.abs().max().item(), rtol=1e-4)  # summation order
+
+
 def test_block_labels_and_mask():
     from dspark_vllm.training.blocks import anchor_candidates, block_attention_mask, block_labels
 
@@ -201,6 +247,21 @@ def test_resume_is_bit_identical(hf_data, fixture_paths, tmp_path):
     a = load_file(str(full.checkpoint / "model.safetensors"))
     b = load_file(str(rest.checkpoint / "model.safetensors"))
     assert a.keys() == b.keys() and all(torch.equal(a[n], b[n]) for n in a)
+
+
+def test_packing_the_batch_trains_the_same_drafter(hf_data, fixture_paths, tmp_path):
+    """pack=2 (the step's two sequences in one forward) follows pack=1's run step for step."""
+    kw = dict(data=str(hf_data), target=fixture_paths["target"], steps=4, head="vanilla", **TINY)
+    one = train(TrainConfig(out=str(tmp_path / "one"), **kw))
+    two = train(TrainConfig(out=str(tmp_path / "two"), pack=2, **kw))
+    assert len(one.losses) == len(two.losses) == 4
+    torch.testing.assert_close(torch.tensor(two.losses), torch.tensor(one.losses), atol=1e-4, rtol=1e-4)
+    assert two.metrics["tau_probabilistic"] == pytest.approx(one.metrics["tau_probabilistic"], rel=1e-4)
+    a = load_file(str(one.checkpoint / "model.safetensors"))
+    b = load_file(str(two.checkpoint / "model.safetensors"))
+    assert a.keys() == b.keys()
+    for n in a:
+        torch.testing.assert_close(b[n].float(), a[n].float(), atol=1e-4, rtol=1e-3)
 
 
 def test_dflash_ablation_has_no_heads(hf_data, fixture_paths, tmp_path):

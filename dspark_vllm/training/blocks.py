@@ -8,6 +8,15 @@ anchor and itself (bidirectionally), never another block. This is exactly
 what one drafting round does at inference (`proposer.draft_block`), for all
 anchors at once; the *Markov head* is teacher-forced with the ground-truth
 previous tokens and applied slot by slot as in `draft_block`.
+
+Several sequences can share one forward (`pack`): they are concatenated, and
+`segments` (each token's sequence) keeps every block to its own sequence's
+context and labels, with positions restarting at 0 per sequence. The result
+is the per-sequence forward's, block for block. On a GPU, where a small
+forward is launch-bound, packing pays until the dense [blocks, context + blocks]
+mask's quadratic cost takes over: on an H200, default-pair shapes (16 sequences
+of 530 tokens, 126 anchors each), a step took 138 ms one sequence at a time,
+43 ms packed by 4 and 69 ms packed by 16. On a CPU it does not pay (pack=1).
 """
 
 from __future__ import annotations
@@ -41,21 +50,28 @@ class BlockLabels:
 
 
 def block_labels(input_ids: torch.Tensor, loss_mask: torch.Tensor, anchors: torch.Tensor,
-                 block_size: int) -> BlockLabels:
+                 block_size: int, segments: torch.Tensor | None = None) -> BlockLabels:
     S = input_ids.shape[0]
     pos = anchors[:, None] + torch.arange(1, block_size + 1, device=anchors.device)
     inside = pos < S
     pos = pos.clamp(max=S - 1)
     valid = inside & loss_mask[pos]
+    if segments is not None:  # packed: a label past its sequence's end is no label
+        valid &= segments[pos] == segments[anchors][:, None]
     mask = valid.float().cumprod(dim=1)  # supervision stops at the end of the answer
     return BlockLabels(input_ids[pos], pos, mask)
 
 
-def block_attention_mask(seq_len: int, anchors: torch.Tensor, block_size: int) -> torch.Tensor:
-    """[N*K, S + N*K] bool: context strictly before the anchor, plus the query's own block."""
+def block_attention_mask(seq_len: int, anchors: torch.Tensor, block_size: int,
+                         segments: torch.Tensor | None = None) -> torch.Tensor:
+    """[N*K, S + N*K] bool: context strictly before the anchor (and, packed, in its
+    own sequence), plus the query's own block."""
     N = anchors.shape[0]
     block_of_query = torch.arange(N * block_size, device=anchors.device) // block_size
-    context = torch.arange(seq_len, device=anchors.device)[None, :] < anchors[block_of_query][:, None]
+    anchor_of_query = anchors[block_of_query]
+    context = torch.arange(seq_len, device=anchors.device)[None, :] < anchor_of_query[:, None]
+    if segments is not None:
+        context &= segments[None, :] == segments[anchor_of_query][:, None]
     same_block = block_of_query[:, None] == block_of_query[None, :]
     return torch.cat([context, same_block], dim=1)
 
@@ -105,21 +121,25 @@ def markov_logits(model: DSparkDraftModel, base: torch.Tensor, hidden: torch.Ten
 
 def block_forward(model: DSparkDraftModel, input_ids: torch.Tensor, loss_mask: torch.Tensor,
                   features: torch.Tensor, last_hidden: torch.Tensor, anchors: torch.Tensor,
-                  prev_tokens: torch.Tensor | None = None) -> BlockPredictions:
-    """Draft logits and confidences of the blocks at `anchors` of one sequence.
+                  prev_tokens: torch.Tensor | None = None,
+                  segments: torch.Tensor | None = None) -> BlockPredictions:
+    """Draft logits and confidences of the blocks at `anchors` of one sequence
+    (or of packed sequences: `segments` [S] is each token's sequence, ascending).
 
     prev_tokens [N, K] are the Markov head's teacher-forced previous tokens
     (default: [anchor, ground-truth labels[:-1]]).
     """
     S, K, dtype = input_ids.shape[0], model.config.block_size, model.fc.weight.dtype
-    lab = block_labels(input_ids, loss_mask, anchors, K)
+    lab = block_labels(input_ids, loss_mask, anchors, K, segments)
     positions = torch.arange(S, device=input_ids.device)
+    if segments is not None:  # positions restart at each sequence's first token
+        positions = positions - torch.searchsorted(segments, segments)
     ctx_kv = model.context_keys_values(model.fuse_target_features(features.to(dtype)), positions)
-    attend = dense_training_attention(ctx_kv, block_attention_mask(S, anchors, K))
+    attend = dense_training_attention(ctx_kv, block_attention_mask(S, anchors, K, segments))
 
     N = anchors.shape[0]
     ids = model.block_input_ids(input_ids[anchors])
-    block_pos = anchors[:, None] + torch.arange(K, device=anchors.device)
+    block_pos = positions[anchors][:, None] + torch.arange(K, device=anchors.device)
     hidden = model.backbone(ids.flatten(), block_pos.flatten(), attend).view(N, K, -1)
     if prev_tokens is None:
         prev_tokens = torch.cat([input_ids[anchors][:, None], lab.labels[:, :-1]], dim=1)
@@ -130,3 +150,25 @@ def block_forward(model: DSparkDraftModel, input_ids: torch.Tensor, loss_mask: t
         rows, where = torch.unique(lab.label_positions - 1, return_inverse=True)
         target = model.lm_head(last_hidden[rows].to(dtype)).float()[where]
     return BlockPredictions(logits, conf, target, lab)
+
+
+@dataclass
+class Packed:
+    """Sequences concatenated for one forward; anchors index the concatenation."""
+
+    input_ids: torch.Tensor
+    loss_mask: torch.Tensor
+    features: torch.Tensor
+    last_hidden: torch.Tensor
+    anchors: torch.Tensor
+    segments: torch.Tensor  # [S] the sequence of each token: 0, 0, ..., 1, 1, ...
+
+
+def pack(samples: list, anchors: list[torch.Tensor]) -> Packed:
+    """Concatenate samples (with input_ids, loss_mask, features, last_hidden) and their anchors."""
+    lengths = [len(s.input_ids) for s in samples]
+    starts = torch.tensor([0] + lengths[:-1]).cumsum(0).tolist()
+    cat = lambda name: torch.cat([getattr(s, name) for s in samples])  # noqa: E731
+    return Packed(cat("input_ids"), cat("loss_mask"), cat("features"), cat("last_hidden"),
+                  torch.cat([a + start for a, start in zip(anchors, starts)]),
+                  torch.repeat_interleave(torch.arange(len(samples)), torch.tensor(lengths)))

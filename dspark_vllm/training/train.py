@@ -6,7 +6,9 @@
 
 One optimiser step = `batch_size` sequences (per worker). For each sequence,
 `num_anchors` anchors are drawn uniformly without replacement and all their
-blocks go through one forward (blocks.py); the loss is paper eq. 12 (loss.py).
+blocks go through one forward (blocks.py); `pack` sequences share a forward
+(on a GPU, where many small forwards are launch-bound; the gradient is the
+same). The loss is paper eq. 12 (loss.py).
 The embedding and LM head are the target's, frozen. AdamW, linear warm-up then
 cosine decay, gradient clipping.
 
@@ -36,7 +38,7 @@ from ..model.checkpoint import save_checkpoint
 from ..model.config import DSparkConfig, draft_config_for, explain_validation_error
 from ..model.dspark import DSparkDraftModel
 from ..model.dspark import init_draft
-from .blocks import block_forward, block_labels, sample_anchors
+from .blocks import block_forward, block_labels, pack, sample_anchors
 from .data import TrainingData
 from .loss import AcceptanceStats, LossWeights, dspark_loss, warmup_cosine, weight_sum
 
@@ -65,6 +67,7 @@ class TrainConfig(BaseModel):
     steps: int = Field(1000, ge=1)
     batch_size: int = Field(8, ge=1)  # sequences per step and worker
     num_anchors: int = Field(512, ge=1)  # blocks per sequence
+    pack: int = Field(1, ge=1)  # sequences per forward (same gradient; fewer, larger kernels)
     lr: float = 6e-4
     warmup_steps: int | None = None  # default 4% of steps
     weight_decay: float = 0.0
@@ -190,8 +193,9 @@ class BlockLoss(nn.Module):
         super().__init__()
         self.draft, self.weights = draft, weights
 
-    def forward(self, input_ids, loss_mask, features, last_hidden, anchors):
-        pred = block_forward(self.draft, input_ids, loss_mask, features, last_hidden, anchors)
+    def forward(self, input_ids, loss_mask, features, last_hidden, anchors, segments=None):
+        pred = block_forward(self.draft, input_ids, loss_mask, features, last_hidden, anchors,
+                             segments=segments)
         parts = dspark_loss(pred, self.weights)
         return parts.numerator, parts.accept, parts.mask
 
@@ -309,12 +313,15 @@ def train_step(runner, cfg: TrainConfig, data: TrainingData, items: list[int], s
               for s, a in zip(samples, anchors))
     den = _all_reduce(torch.as_tensor(den, dtype=torch.float32, device=device))
     total = torch.zeros((), device=device)
-    for j, (s, a) in enumerate(zip(samples, anchors)):
-        last = j == len(samples) - 1
+    groups = [range(i, min(i + cfg.pack, len(samples))) for i in range(0, len(samples), cfg.pack)]
+    for g, group in enumerate(groups):
+        last = g == len(groups) - 1
         sync = contextlib.nullcontext() if last or not hasattr(runner, "no_sync") else runner.no_sync()
+        p = pack([samples[j] for j in group], [anchors[j] for j in group])
         with sync:
-            num, accept, mask = runner(s.input_ids.to(device), s.loss_mask.to(device),
-                                       s.features.to(device), s.last_hidden.to(device), a.to(device))
+            num, accept, mask = runner(p.input_ids.to(device), p.loss_mask.to(device), p.features.to(device),
+                                       p.last_hidden.to(device), p.anchors.to(device),
+                                       p.segments.to(device) if len(group) > 1 else None)
             (num * world / den).backward()  # DDP averages over workers
         total += num.detach()
         stats.add(accept, mask)
