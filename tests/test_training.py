@@ -191,8 +191,6 @@ def test_packed_forward_equals_one_sequence_at_a_time(hf_data, fixture_paths, he
         torch.testing.assert_close(packed.confidence_logits[live],
                                    torch.cat([o.confidence_logits for o in one])[live])
     loss_one, grads_one = loss_and_grads(one)
-    packed = block_forward(model, p.input_ids, p.loss_mask, p.features, p.last_hidden, p.anchors,
-                           segments=p.segments)
     loss_packed, grads_packed = loss_and_grads([packed])
     torch.testing.assert_close(loss_packed, loss_one)
     assert len(grads_packed) == len(grads_one) > 0

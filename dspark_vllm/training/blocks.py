@@ -161,15 +161,14 @@ class Packed:
     features: torch.Tensor
     last_hidden: torch.Tensor
     anchors: torch.Tensor
-    segments: torch.Tensor  # [S] the sequence of each token: 0, 0, ..., 1, 1, ...
+    segments: torch.Tensor | None  # [S] the sequence of each token: 0, 0, ..., 1, 1, ...; None for one
 
 
 def pack(samples: list, anchors: list[torch.Tensor]) -> Packed:
     """Concatenate samples (with input_ids, loss_mask, features, last_hidden) and their anchors."""
-    if len(samples) == 1:  # nothing to concatenate: no copy
+    if len(samples) == 1:  # nothing to concatenate: no copy, no segments
         s = samples[0]
-        return Packed(s.input_ids, s.loss_mask, s.features, s.last_hidden, anchors[0],
-                      torch.zeros(len(s.input_ids), dtype=torch.long))
+        return Packed(s.input_ids, s.loss_mask, s.features, s.last_hidden, anchors[0], None)
     lengths = [len(s.input_ids) for s in samples]
     starts = torch.tensor([0] + lengths[:-1]).cumsum(0).tolist()
     cat = lambda name: torch.cat([getattr(s, name) for s in samples])  # noqa: E731

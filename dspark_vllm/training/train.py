@@ -313,15 +313,14 @@ def train_step(runner, cfg: TrainConfig, data: TrainingData, items: list[int], s
               for s, a in zip(samples, anchors))
     den = _all_reduce(torch.as_tensor(den, dtype=torch.float32, device=device))
     total = torch.zeros((), device=device)
-    groups = [range(i, min(i + cfg.pack, len(samples))) for i in range(0, len(samples), cfg.pack)]
-    for g, group in enumerate(groups):
-        last = g == len(groups) - 1
+    for i in range(0, len(samples), cfg.pack):
+        last = i + cfg.pack >= len(samples)
         sync = contextlib.nullcontext() if last or not hasattr(runner, "no_sync") else runner.no_sync()
-        p = pack([samples[j] for j in group], [anchors[j] for j in group])
+        p = pack(samples[i:i + cfg.pack], anchors[i:i + cfg.pack])
         with sync:
             num, accept, mask = runner(p.input_ids.to(device), p.loss_mask.to(device), p.features.to(device),
                                        p.last_hidden.to(device), p.anchors.to(device),
-                                       p.segments.to(device) if len(group) > 1 else None)
+                                       None if p.segments is None else p.segments.to(device))
             (num * world / den).backward()  # DDP averages over workers
         total += num.detach()
         stats.add(accept, mask)
