@@ -65,6 +65,10 @@ def test_bench_speed(fixture_paths, tmp_path):
         assert x["ratio_to_plain"] == pytest.approx(x["output_tokens_per_s"] / rows[("plain", x["concurrency"])]
                                                     ["output_tokens_per_s"])
         assert x["ratio_range"] == [x["ratio_to_plain"]] * 2 and len(x["rounds"]) == 1
+        # the level's first (warm-up) pass is reported alongside, as its own ratio to plain's first pass
+        assert x["cold_output_tokens_per_s"] > 0
+        assert x["cold_ratio_to_plain"] == pytest.approx(x["cold_output_tokens_per_s"] / rows[
+            ("plain", x["concurrency"])]["cold_output_tokens_per_s"])
         # One request at a time every answer equals plain decoding's. With 4 clients the
         # batches vLLM forms depend on timing, and vLLM's CPU path can flip a near-tie
         # between a multi-token verification step and a one-token step (README, Known
@@ -93,8 +97,10 @@ def test_bench_speed_rounds_report_median_and_range():
     spec.loader.exec_module(bench)
     rounds = []
     for plain_speed, spec_speed, spec_answer in ((100, 180, [1, 2]), (50, 100, [1, 2]), (80, 120, [1, 3])):
-        rows = [{"engine": "plain", "concurrency": 1, "output_tokens_per_s": plain_speed, "tau": None},
-                {"engine": "dspark-sync", "concurrency": 1, "output_tokens_per_s": spec_speed, "tau": 3.0}]
+        rows = [{"engine": "plain", "concurrency": 1, "output_tokens_per_s": plain_speed, "tau": None,
+                 "cold_output_tokens_per_s": plain_speed / 2},
+                {"engine": "dspark-sync", "concurrency": 1, "output_tokens_per_s": spec_speed, "tau": 3.0,
+                 "cold_output_tokens_per_s": spec_speed / 4}]
         answers = {"plain": {1: {0: [1, 2]}}, "dspark-sync": {1: {0: spec_answer}}}
         bench.compare_to_plain(rows, answers, temperature=0.0)
         rounds.append(rows)
@@ -104,3 +110,6 @@ def test_bench_speed_rounds_report_median_and_range():
     assert spec_row["output_tokens_per_s"] == 120 and len(spec_row["rounds"]) == 3
     assert spec_row["identical_to_plain"] is False and spec_row["answers_differing"] == 1
     assert [r["first_difference_at"] for r in spec_row["rounds"]] == [[], [], [1]]
+    # the first (cold) passes: each ratio against the same round's plain first pass, then the median
+    assert spec_row["cold_ratio_to_plain"] == pytest.approx(0.9) and plain["cold_ratio_to_plain"] == 1.0
+    assert spec_row["cold_output_tokens_per_s"] == 30
