@@ -1,0 +1,141 @@
+"""Offline replay: how many tokens per step the drafter's greedy drafts and prompt lookup
+(vLLM's `ngram` method) would emit along the target's own greedy answers, per request.
+
+    python scripts/replay_drafts.py --target T --draft D --prompts P.jsonl --json OUT.json
+        [--num-prompts 64] [--max-tokens 128] [--raw] [--ngram-min 2] [--ngram-max 4]
+
+No engine and no timing: the target (Hugging Face, float32) writes each greedy
+answer; the drafter drafts at every anchor of it (the dense reference
+`proposer.draft_rounds`, the rounds serving computes on the paged cache), and
+prompt lookup proposes at the same anchors. A replay then walks each answer the
+way greedy verification of the full block would: a step at anchor p emits the
+draft's longest prefix that matches the answer, plus one token. Reported:
+
+  tokens_per_step      per source: the DSpark drafts, prompt lookup (1 token where
+                       it finds no match), the better of the two every step (an
+                       oracle), and prompt lookup only where its first token
+                       agrees with the drafter's (a rule that needs no look-ahead)
+  ngram_match_rate     share of anchors where prompt lookup proposes anything
+  per_request          DSpark's tokens per step of each answer (min, quartiles,
+                       max) and the steps each needs: in a batch nobody refills,
+                       the slowest request sets the batch's length
+
+vLLM counts n-gram's tau over the steps where it drafted only; tokens_per_step
+counts every step, which is what a step's cost buys.
+"""
+
+import argparse
+import json
+import os
+import sys
+
+import numpy as np
+import torch
+
+sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
+
+
+def parse_args(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--target", required=True)
+    ap.add_argument("--draft", required=True)
+    ap.add_argument("--prompts", required=True, help='JSONL of {"turns": [...]}')
+    ap.add_argument("--json", required=True)
+    ap.add_argument("--num-prompts", type=int, default=64)
+    ap.add_argument("--max-tokens", type=int, default=128)
+    ap.add_argument("--raw", action="store_true", help="prompts are raw text (base/code model)")
+    ap.add_argument("--ngram-min", type=int, default=2)
+    ap.add_argument("--ngram-max", type=int, default=4)
+    return ap.parse_args(argv)
+
+
+def prompt_lookup(tokens: np.ndarray, min_n: int, max_n: int, k: int) -> np.ndarray:
+    """vLLM's n-gram proposal: for the longest n in [min_n, max_n] whose last n tokens
+    occur earlier in `tokens`, the (up to) k tokens after their earliest occurrence."""
+    L = len(tokens)
+    for n in range(min(max_n, L - 1), min_n - 1, -1):
+        windows = np.lib.stride_tricks.sliding_window_view(tokens[:L - 1], n)
+        hits = np.flatnonzero((windows == tokens[L - n:]).all(axis=1))
+        if hits.size:
+            return tokens[hits[0] + n:hits[0] + n + k]
+    return tokens[:0]
+
+
+def matched(draft: np.ndarray, truth: np.ndarray) -> int:
+    """Length of the longest prefix of `draft` that equals `truth`."""
+    n = min(len(draft), len(truth))
+    return int(np.cumprod(draft[:n] == truth[:n]).sum())
+
+
+def replay(accepted: np.ndarray) -> tuple[int, int]:
+    """(tokens, steps) of walking one answer: accepted[p] drafts survive at offset p."""
+    p = steps = 0
+    while p < len(accepted):
+        p += min(int(accepted[p]), len(accepted) - p - 1) + 1
+        steps += 1
+    return len(accepted), steps
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from dspark_vllm.model.checkpoint import load_draft_model
+    from dspark_vllm.prompts import load_turns, prompt_token_ids
+    from dspark_vllm.proposer import draft_rounds
+    from dspark_vllm.training.target import target_features
+
+    tok = AutoTokenizer.from_pretrained(args.target)
+    prompts = [prompt_token_ids(tok, t, args.raw) for t in load_turns(args.prompts, args.num_prompts)]
+    target = AutoModelForCausalLM.from_pretrained(args.target, dtype=torch.float32)
+    model = load_draft_model(args.draft, torch.float32)
+    K = model.config.block_size
+    sources = ("dspark", "ngram", "oracle", "ngram_if_first_agrees")
+    accepted = {s: [] for s in sources}
+    matches = anchors_seen = 0
+    for prompt in prompts:
+        ids = torch.tensor([prompt])
+        with torch.no_grad():
+            full = target.generate(ids, max_new_tokens=args.max_tokens, min_new_tokens=args.max_tokens,
+                                   do_sample=False, pad_token_id=tok.pad_token_id or 0)[0]
+        features, _ = target_features(target, full[None], model.config.target_layer_ids)
+        P, tokens = len(prompt), full.numpy()
+        anchors = torch.arange(P - 1, len(tokens) - 1)
+        drafts = draft_rounds(model, features[0], full, anchors, num_tokens=K).tokens.numpy()
+        rows = {s: [] for s in sources}
+        for j, a in enumerate(anchors.tolist()):
+            truth = tokens[a + 1:a + 1 + K]
+            ngram = prompt_lookup(tokens[:a + 1], args.ngram_min, args.ngram_max, K)
+            d, n = matched(drafts[j], truth), matched(ngram, truth)
+            matches += len(ngram) > 0
+            rows["dspark"].append(d)
+            rows["ngram"].append(n)
+            rows["oracle"].append(max(d, n))
+            rows["ngram_if_first_agrees"].append(n if len(ngram) and ngram[0] == drafts[j][0] else d)
+        anchors_seen += len(anchors)
+        for s in sources:
+            accepted[s].append(np.array(rows[s]))
+
+    def per_step(source):
+        walked = [replay(a) for a in accepted[source]]
+        return sum(t for t, _ in walked) / sum(s for _, s in walked)
+
+    walks = [replay(a) for a in accepted["dspark"]]
+    tau = np.array([t / s for t, s in walks])
+    steps = np.array([s for _, s in walks])
+    out = {"target": args.target, "draft": args.draft, "prompts": args.prompts, "num_prompts": len(prompts),
+           "max_tokens": args.max_tokens, "block_size": K, "ngram": [args.ngram_min, args.ngram_max],
+           "tokens_per_step": {s: per_step(s) for s in sources},
+           "ngram_match_rate": matches / anchors_seen,
+           "per_request": {"dspark_tokens_per_step": {"min": float(tau.min()),
+                                                      "quartiles": np.percentile(tau, [25, 50, 75]).tolist(),
+                                                      "max": float(tau.max())},
+                           "steps": {"mean": float(steps.mean()), "max": int(steps.max()), "min": int(steps.min())}}}
+    with open(args.json, "w") as f:
+        json.dump(out, f, indent=2)
+    print(json.dumps(out["tokens_per_step"]), f"ngram match rate {out['ngram_match_rate']:.2f}")
+    print(json.dumps(out["per_request"]))
+
+
+if __name__ == "__main__":
+    main()
