@@ -25,20 +25,14 @@ import os
 
 import numpy as np
 
-from bench_speed import load_prompts, run_level  # scripts/ is on sys.path when run as a script
+from bench_speed import load_prompts, pair_arguments, run_level  # scripts/ is on sys.path when run as a script
 
 
 def parse_args(argv=None):
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--target", required=True)
-    ap.add_argument("--draft", required=True)
+    ap = pair_arguments(argparse.ArgumentParser(description=__doc__,
+                                                formatter_class=argparse.RawDescriptionHelpFormatter), 80)
     ap.add_argument("--calibration", required=True, help="offline STS calibration (fitted on other prompts)")
-    ap.add_argument("--prompts", required=True)
-    ap.add_argument("--json", required=True)
     ap.add_argument("--plot", default=None)
-    ap.add_argument("--raw", action="store_true")
-    ap.add_argument("--num-prompts", type=int, default=80)
-    ap.add_argument("--max-tokens", type=int, default=128)
     ap.add_argument("--max-model-len", type=int, default=1024)
     ap.add_argument("--concurrency", type=int, default=16)
     ap.add_argument("--passes", type=int, default=3)

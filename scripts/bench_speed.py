@@ -59,23 +59,29 @@ import uuid
 NGRAM = {"method": "ngram", "num_speculative_tokens": 7, "prompt_lookup_max": 4, "prompt_lookup_min": 2}
 
 
-def parse_args(argv=None):
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+def pair_arguments(ap: argparse.ArgumentParser, num_prompts: int = 64) -> argparse.ArgumentParser:
+    """The arguments of every script that runs a target and drafter on a prompt file."""
     ap.add_argument("--target", required=True)
     ap.add_argument("--draft", required=True)
     ap.add_argument("--prompts", required=True, help='JSONL of {"turns": [...]}')
     ap.add_argument("--json", required=True)
+    ap.add_argument("--raw", action="store_true", help="prompts are raw text (base/code model)")
+    ap.add_argument("--num-prompts", type=int, default=num_prompts)
+    ap.add_argument("--max-tokens", type=int, default=128)
+    return ap
+
+
+def parse_args(argv=None):
+    ap = pair_arguments(argparse.ArgumentParser(description=__doc__,
+                                                formatter_class=argparse.RawDescriptionHelpFormatter))
     ap.add_argument("--plot", default=None)
     ap.add_argument("--concurrency", default="1,4,16,64")
     ap.add_argument("--policies", default="fixed,sync,async")
     ap.add_argument("--no-ngram", action="store_true", help="leave out vLLM's n-gram speculation")
     ap.add_argument("--calibration", default=None, help="STS calibration JSON for the policies")
     ap.add_argument("--sps-profile", default=None, help="engine cost table instead of profiling")
-    ap.add_argument("--num-prompts", type=int, default=64)
-    ap.add_argument("--max-tokens", type=int, default=128)
     ap.add_argument("--temperature", type=float, default=0.0)
     ap.add_argument("--max-model-len", type=int, default=1024)
-    ap.add_argument("--raw", action="store_true", help="prompts are raw text (base/code model)")
     ap.add_argument("--dtype", default="auto", help="engine dtype (default: the checkpoint's)")
     ap.add_argument("--repeats", type=int, default=1,
                     help="rounds of every engine (alternating order); rows report the median and range")

@@ -33,17 +33,13 @@ import numpy as np
 import torch
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
+sys.path.insert(0, os.path.dirname(__file__))
+from bench_speed import load_prompts, pair_arguments  # noqa: E402
 
 
 def parse_args(argv=None):
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--target", required=True)
-    ap.add_argument("--draft", required=True)
-    ap.add_argument("--prompts", required=True, help='JSONL of {"turns": [...]}')
-    ap.add_argument("--json", required=True)
-    ap.add_argument("--num-prompts", type=int, default=64)
-    ap.add_argument("--max-tokens", type=int, default=128)
-    ap.add_argument("--raw", action="store_true", help="prompts are raw text (base/code model)")
+    ap = pair_arguments(argparse.ArgumentParser(description=__doc__,
+                                                formatter_class=argparse.RawDescriptionHelpFormatter))
     ap.add_argument("--ngram-min", type=int, default=2)
     ap.add_argument("--ngram-max", type=int, default=4)
     return ap.parse_args(argv)
@@ -78,15 +74,13 @@ def replay(accepted: np.ndarray) -> tuple[int, int]:
 
 def main(argv=None):
     args = parse_args(argv)
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoModelForCausalLM
 
     from dspark_vllm.model.checkpoint import load_draft_model
-    from dspark_vllm.prompts import load_turns, prompt_token_ids
     from dspark_vllm.proposer import draft_rounds
     from dspark_vllm.training.target import target_features
 
-    tok = AutoTokenizer.from_pretrained(args.target)
-    prompts = [prompt_token_ids(tok, t, args.raw) for t in load_turns(args.prompts, args.num_prompts)]
+    prompts = load_prompts(args.target, args.prompts, args.num_prompts, args.raw)
     target = AutoModelForCausalLM.from_pretrained(args.target, dtype=torch.float32)
     model = load_draft_model(args.draft, torch.float32)
     K = model.config.block_size
@@ -97,7 +91,7 @@ def main(argv=None):
         ids = torch.tensor([prompt])
         with torch.no_grad():
             full = target.generate(ids, max_new_tokens=args.max_tokens, min_new_tokens=args.max_tokens,
-                                   do_sample=False, pad_token_id=tok.pad_token_id or 0)[0]
+                                   do_sample=False, pad_token_id=0)[0]  # one sequence: nothing to pad
         features, _ = target_features(target, full[None], model.config.target_layer_ids)
         P, tokens = len(prompt), full.numpy()
         anchors = torch.arange(P - 1, len(tokens) - 1)
