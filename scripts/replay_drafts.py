@@ -32,8 +32,7 @@ import sys
 import numpy as np
 import torch
 
-sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
-sys.path.insert(0, os.path.dirname(__file__))
+sys.path.insert(0, os.path.dirname(__file__))  # already there when run as a script; not when a test loads it
 from bench_speed import load_prompts, pair_arguments  # noqa: E402
 
 
@@ -110,16 +109,12 @@ def main(argv=None):
         for s in sources:
             accepted[s].append(np.array(rows[s]))
 
-    def per_step(source):
-        walked = [replay(a) for a in accepted[source]]
-        return sum(t for t, _ in walked) / sum(s for _, s in walked)
-
-    walks = [replay(a) for a in accepted["dspark"]]
-    tau = np.array([t / s for t, s in walks])
-    steps = np.array([s for _, s in walks])
+    walks = {s: np.array([replay(a) for a in accepted[s]]) for s in sources}  # [requests, (tokens, steps)]
+    tau = walks["dspark"][:, 0] / walks["dspark"][:, 1]
+    steps = walks["dspark"][:, 1]
     out = {"target": args.target, "draft": args.draft, "prompts": args.prompts, "num_prompts": len(prompts),
            "max_tokens": args.max_tokens, "block_size": K, "ngram": [args.ngram_min, args.ngram_max],
-           "tokens_per_step": {s: per_step(s) for s in sources},
+           "tokens_per_step": {s: float(w[:, 0].sum() / w[:, 1].sum()) for s, w in walks.items()},
            "ngram_match_rate": matches / anchors_seen,
            "per_request": {"dspark_tokens_per_step": {"min": float(tau.min()),
                                                       "quartiles": np.percentile(tau, [25, 50, 75]).tolist(),
