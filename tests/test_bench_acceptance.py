@@ -113,3 +113,18 @@ def test_bench_speed_rounds_report_median_and_range():
     # the first (cold) passes: each ratio against the same round's plain first pass, then the median
     assert spec_row["cold_ratio_to_plain"] == pytest.approx(0.9) and plain["cold_ratio_to_plain"] == 1.0
     assert spec_row["cold_output_tokens_per_s"] == 30
+
+
+def test_bench_speed_without_warmup_reports_no_cold_pass():
+    """--no-warmup rows carry no cold_* fields, and comparing and combining rounds adds none."""
+    spec = importlib.util.spec_from_file_location("bench_speed", ROOT / "scripts" / "bench_speed.py")
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    assert bench.parse_args(["--target", "T", "--draft", "D", "--prompts", "P", "--json", "J",
+                             "--no-warmup"]).no_warmup is True
+    rows = [{"engine": "plain", "concurrency": 1, "output_tokens_per_s": 100, "tau": None},
+            {"engine": "dspark-sync", "concurrency": 1, "output_tokens_per_s": 150, "tau": 3.0}]
+    bench.compare_to_plain(rows, {}, temperature=1.0)
+    combined = bench.combine_rounds([rows])
+    assert [r["ratio_to_plain"] for r in combined] == [1.0, 1.5]
+    assert not any(key.startswith("cold_") for r in combined for key in r)
