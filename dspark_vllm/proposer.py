@@ -71,7 +71,7 @@ def draft_block(
 
     # 3. Confidence of slot k from [h_k ; W1[x_{k-1}]] (x_{-1} = anchor).
     prev_tokens = torch.cat([anchors[:, None], tokens[:, :-1]], dim=1)
-    conf_logits = model.confidence_logits(hidden[:, :num_tokens], prev_tokens)
+    conf_logits = model.inference_confidence_logits(hidden[:, :num_tokens], prev_tokens)
     confidences = None if conf_logits is None else torch.sigmoid(conf_logits)
     return Drafts(tokens, probs, confidences, conf_logits)
 

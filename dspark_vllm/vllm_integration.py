@@ -1043,11 +1043,12 @@ class DSparkRunnerMixin:
         out = self._dspark_draft(block_table, table.block_size, _host_to_device(anchors, device, torch.long),
                                  anchor_pos, sampling, generators, sampled=not sampling_metadata.all_greedy)
         # The round's one device-to-host copy: draft tokens for the scheduler and the
-        # calibrated confidences for the policy (which runs on the host).
+        # calibrated confidences for the policy (which runs on the host). On the CPU
+        # there is nothing to copy, and packing the two into one tensor would cost ops.
         confidences = drafter.calibrated_confidences(out)
         K = out.tokens.shape[1]
-        if confidences is None:
-            tokens_h, confidences_h = out.tokens.cpu(), None
+        if confidences is None or device.type == "cpu":
+            tokens_h, confidences_h = out.tokens.cpu(), None if confidences is None else confidences.double()
         else:
             host = torch.cat([out.tokens.double(), confidences.double()], dim=1).cpu()
             tokens_h, confidences_h = host[:, :K].long(), host[:, K:]

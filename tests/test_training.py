@@ -154,6 +154,27 @@ def test_markov_head_inference_form_follows_weight_updates(head_type):
             head.markov_w1.weight.add_(0.5)
 
 
+@pytest.mark.parametrize("with_markov", [True, False])
+def test_confidence_head_inference_form_follows_weight_updates(with_markov):
+    """scorer (drafting's one-addmv form, W1's part precomputed per token) equals the head's
+    forward on [h ; W1[x]], also after in-place updates of the projection and of W1."""
+    from dspark_vllm.model.dspark import ConfidenceHead
+
+    torch.manual_seed(0)
+    w1 = torch.nn.Embedding(50, 4)
+    head = ConfidenceHead(16 + (4 if with_markov else 0))
+    hidden, prev = torch.randn(3, 5, 16), torch.randint(0, 50, (3, 5))
+    for _ in range(2):
+        with torch.no_grad():
+            features = torch.cat([hidden, w1(prev)], -1) if with_markov else hidden
+            got = head.scorer(w1.weight if with_markov else None)(hidden, prev)
+            assert got.shape == (3, 5) and got.dtype == torch.float32
+            torch.testing.assert_close(got, head(features), atol=1e-5, rtol=1e-5)
+            head.proj.weight.mul_(-2.0)  # in place, as an optimizer step
+            head.proj.bias.add_(0.5)
+            w1.weight.add_(0.25)
+
+
 @pytest.mark.parametrize("head", ["vanilla", "rnn", "none"])
 def test_packed_forward_equals_one_sequence_at_a_time(hf_data, fixture_paths, head):
     """Sequences packed into one forward give each block what its own sequence's forward

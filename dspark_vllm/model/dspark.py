@@ -148,12 +148,12 @@ class MarkovHead(nn.Module):
         """Weight `name` in `dtype` (transposed: [in, out], row-major), cast once per
         weight version: the inference loop reads it every slot of every round."""
         w = getattr(self, name).weight
-        key = (w.data_ptr(), w._version, w.device, dtype, transpose)  # _version moves on in-place updates
-        cached = self.__dict__.setdefault("_casts", {}).get(name)
-        if cached is None or cached[0] != key:
+
+        def build():
             t = w.detach().to(dtype)
-            cached = self._casts[name] = key, (t.t().contiguous() if transpose else t)
-        return cached[1]
+            return t.t().contiguous() if transpose else t
+
+        return derived_once(self, name, (w,), (dtype, transpose), build)
 
 
 class VanillaMarkovHead(MarkovHead):
@@ -209,6 +209,47 @@ class ConfidenceHead(nn.Module):
 
     def forward(self, features):  # -> logit
         return self.proj(features).squeeze(-1)
+
+    def scorer(self, markov_w1: torch.Tensor | None):
+        """Inference's form of `forward([h ; W1[x]])` (W1 = markov_w1, None: features are h
+        alone): score(hidden [..., d], prev_tokens [...]) -> float32 logits [...].
+
+        The projection splits into w_h . h + w_m . W1[x] + b, and the second part is one
+        number per token: table[x] = w_m . W1[x] + b, built once per weight version. A
+        round then costs one addmv (table rows of the previous tokens + hidden @ w_h)
+        instead of an embedding lookup, a concatenation and a one-column GEMM: 4 to 5x
+        less on the CPU (3.9 against 19.9 us for 7 rows, one thread). Computed in float32,
+        so it differs from `forward` in the model dtype by that dtype's rounding."""
+        w = self.proj.weight[0]
+        d = w.shape[0] - (0 if markov_w1 is None else markov_w1.shape[1])
+        sources = (self.proj.weight, self.proj.bias) + (() if markov_w1 is None else (markov_w1,))
+
+        def build():
+            w_h = w[:d].detach().float()
+            bias = self.proj.bias.detach().float()
+            if markov_w1 is None:
+                return w_h, bias.expand(1)
+            return w_h, markov_w1.detach().float() @ w[d:].detach().float() + bias
+
+        w_h, table = derived_once(self, "scorer", sources, (), build)
+
+        def score(hidden: torch.Tensor, prev_tokens: torch.Tensor) -> torch.Tensor:
+            rows = hidden.reshape(-1, d).float()
+            per_token = table.index_select(0, prev_tokens.reshape(-1)) if markov_w1 is not None else table
+            return torch.addmv(per_token, rows, w_h).view(prev_tokens.shape)
+
+        return score
+
+
+def derived_once(owner: nn.Module, name: str, sources: tuple[torch.Tensor, ...], options: tuple, build):
+    """`build()` (tensors derived from the `sources` weights), cached on `owner` under `name`
+    until a source changes (another tensor, or an in-place update: `_version` moves on) or
+    `options` do. Inference reads these every round; training updates the weights."""
+    key = tuple((t.data_ptr(), t._version, t.device) for t in sources) + options
+    cached = owner.__dict__.setdefault("_derived", {}).get(name)
+    if cached is None or cached[0] != key:
+        cached = owner._derived[name] = key, build()
+    return cached[1]
 
 
 # attend(layer_index, q [Tq, H, hd], k [Tq, Hkv, hd], v [Tq, Hkv, hd]) -> [Tq, H*hd]
@@ -282,6 +323,13 @@ class DSparkDraftModel(nn.Module):
         if self.config.confidence_head_with_markov:
             feats = torch.cat([hidden, self.markov_features(prev_tokens).to(hidden.dtype)], dim=-1)
         return self.confidence_head(feats).float()
+
+    def inference_confidence_logits(self, hidden: torch.Tensor, prev_tokens: torch.Tensor) -> torch.Tensor | None:
+        """`confidence_logits` in the drafting round's form (`ConfidenceHead.scorer`), without grad."""
+        if self.confidence_head is None:
+            return None
+        w1 = self.markov_head.markov_w1.weight if self.config.confidence_head_with_markov else None
+        return self.confidence_head.scorer(w1)(hidden, prev_tokens)
 
 
 def init_draft(cfg: DSparkConfig, embed: torch.Tensor, lm_head: torch.Tensor, seed: int,
