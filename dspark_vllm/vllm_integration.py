@@ -1235,7 +1235,6 @@ class DSparkRunnerMixin:
         attends (non-causally) to all positions < anchor_pos[r] + gamma.
         Everything is built on the device from anchor_pos (no host copy).
         """
-        from vllm.forward_context import create_forward_context, override_forward_context
         from vllm.v1.attention.backend import CommonAttentionMetadata
 
         B, device = anchor_pos.shape[0], anchor_pos.device
@@ -1253,20 +1252,21 @@ class DSparkRunnerMixin:
         # fast_build: metadata used by a few layers once (vLLM's drafters do the same); on
         # CUDA it also skips FlashAttention's ahead-of-time schedule and its persistent buffer.
         meta = builder.build(common_prefix_len=0, common_attn_metadata=common, fast_build=True)
-        names = self.drafter.layer_names
         layers = self.drafter.attn_layers
         dtype, cache_dtype = self.drafter.dtype, self.drafter.cache_dtype
-        # One forward context for the round. vLLM's set_forward_context would, per call,
-        # also coordinate token counts across data-parallel ranks (a collective the
-        # ranks that do not draft never join) and, when batch-size logging is on, sync.
-        context = create_forward_context({name: meta for name in names}, self.vllm_config,
-                                         slot_mapping={name: slots for name in names})
 
         def attend(i, q, k, v):
-            T = q.shape[0]
-            q, k, v = (x.reshape(T, -1).to(cache_dtype) for x in (q, k, v))  # no-ops unless draft_dtype differs
-            with override_forward_context(context):
-                return layers[i](q, k, v).to(dtype)
+            """What vLLM's Attention.forward does for a layer (write the block's K/V, then the
+            backend's attention over the paged cache), called on the layer's backend directly:
+            vLLM's route through its custom ops looks the metadata, layer and slots up in a
+            forward context, which cost a drafting round about as much as the attention itself
+            at one request (vLLM's own drafters run inside the target's forward context)."""
+            layer = layers[i]
+            q, k, v = (x.to(cache_dtype) for x in (q, k, v))  # [T, heads, hd]; no-ops unless draft_dtype differs
+            out = q.new_empty(q.shape[0], layer.num_heads, layer.head_size_v)
+            layer.impl.do_kv_cache_update(layer, k, v, layer.kv_cache, slots)
+            layer.impl.forward(layer, q, k, v, layer.kv_cache, meta, output=out)
+            return out.view(q.shape[0], -1).to(dtype)
 
         return attend
 
