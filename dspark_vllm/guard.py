@@ -63,8 +63,6 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-import numpy as np
-
 from .sps import StepCost
 
 
@@ -154,8 +152,8 @@ class BreakEvenGuard:
         key = bucket(R)
         tau = self.tau or 1.0
         b_spec = R + round(R * self.verified)
-        t_spec, t_plain = cost.step_seconds(np.array([b_spec, R], dtype=np.int64)).tolist()
-        t_plain -= cost.draft_s  # the plain step runs no drafter
+        t_spec = cost.seconds(b_spec)
+        t_plain = cost.seconds(R) - cost.draft_s  # the plain step runs no drafter
         if key in self.spec_rate:
             t_spec = tau / self.spec_rate[key]
         if key in self.plain_rate:

@@ -104,14 +104,11 @@ def candidates(survival: np.ndarray):
     Ties go to the shallower slot, then to the lower request index. So a
     slot's predecessor (same request, a >= its own) always comes first.
     """
-    num_reqs, max_len = survival.shape
+    num_reqs = survival.shape[0]
     a = survival.T.reshape(-1)  # slot-major: index = slot * num_reqs + request
-    req = np.tile(np.arange(num_reqs), max_len)
-    slot = np.repeat(np.arange(max_len), num_reqs)
-    keep = a > 0
-    a, req, slot = a[keep], req[keep], slot[keep]
     order = np.argsort(-a, kind="stable")  # stable: ties keep (slot, request) order
-    return a[order], req[order], slot[order]
+    order = order[: np.count_nonzero(a > 0)]  # a >= 0, so the zeros sort last
+    return a[order], order % num_reqs, order // num_reqs
 
 
 def admitted_lengths(req: np.ndarray, slot: np.ndarray, n: int, num_reqs: int) -> torch.Tensor:

@@ -161,8 +161,12 @@ class SPSProfile(BaseModel):
         return np.where(b > b_last, beyond, inside)
 
     def sps(self, tokens: int) -> float:
-        """SPS(B) for one batch size; see `sps_many`."""
-        return float(self.sps_array(np.array([tokens], dtype=np.int64))[0])
+        """SPS(B) for one batch size; see `sps_many`. (Every engine step looks up a few
+        single sizes: a Python index into the dense curve, not a one-element array.)"""
+        dense = self._dense
+        if 0 <= tokens < len(dense):
+            return float(dense[tokens])
+        return float(self._curve(np.array([tokens], dtype=np.int64))[0])
 
     @functools.cached_property
     def _draft_columns(self) -> tuple[list[int], list[float]]:
@@ -235,23 +239,29 @@ class StepCost:
     def __init__(self, profile: SPSProfile, corrections: ServingCorrections | None = None, draft_s: float = 0.0):
         self.profile, self.corrections, self.draft_s = profile, corrections, max(0.0, draft_s)
 
+    @property
+    def overhead_s(self) -> float:
+        return 0.0 if self.corrections is None else self.corrections.overhead_s
+
     def step_seconds(self, tokens: np.ndarray) -> np.ndarray:
         """Seconds of a step at each batch size (int64 array)."""
-        overhead = 0.0 if self.corrections is None else self.corrections.overhead_s
-        return 1.0 / self.profile.sps_array(tokens) + overhead + self.draft_s
+        return 1.0 / self.profile.sps_array(tokens) + self.overhead_s + self.draft_s
+
+    def seconds(self, tokens: int) -> float:
+        """`step_seconds` of one batch size."""
+        return 1.0 / self.profile.sps(tokens) + self.overhead_s + self.draft_s
 
     def extra_seconds(self, base: int, extra: int) -> float:
         """The profile's marginal cost of `extra` more tokens in a forward of `base`."""
         if extra <= 0:
             return 0.0
-        t = 1.0 / self.profile.sps_array(np.array([base, base + extra], dtype=np.int64))
-        return max(0.0, float(t[1] - t[0]))
+        return max(0.0, 1.0 / self.profile.sps(base + extra) - 1.0 / self.profile.sps(base))
 
     def sps_array(self, tokens: np.ndarray) -> np.ndarray:
         return 1.0 / self.step_seconds(tokens)
 
     def sps(self, tokens: int) -> float:
-        return float(self.sps_array(np.array([tokens], dtype=np.int64))[0])
+        return 1.0 / self.seconds(tokens)
 
 
 # ---------------------------------------------------------------- building, loading

@@ -851,12 +851,13 @@ def sampling_rows(sampling_metadata, num_reqs: int, vocab_size: int) -> Sampling
 
 def other_token_count(scheduler_output, decoding: list[str]) -> int:
     """Scheduled tokens of a step other than the decode tokens (1 + the drafts they
-    verify) of the `decoding` requests: prefill chunks, including the prompt of a
-    request whose prefill ends in this step (it samples, so it is decoding, but its
-    prompt is no decode token)."""
-    scheduled, spec = scheduler_output.num_scheduled_tokens, scheduler_output.scheduled_spec_decode_tokens
-    decode = sum(min(scheduled.get(r, 0), 1 + len(spec.get(r, ()))) for r in decoding)
-    return scheduler_output.total_num_scheduled_tokens - decode
+    verify) of the `decoding` requests, which sampled in this step (so each is
+    scheduled): prefill chunks, including the prompt of a request whose prefill ends
+    in this step (it samples, so it is decoding, but its prompt is no decode token).
+    Without drafts in the step (the guard skipped the last round) nothing is summed."""
+    spec = scheduler_output.scheduled_spec_decode_tokens
+    verified = sum(len(spec[r]) for r in decoding if r in spec) if spec else 0
+    return scheduler_output.total_num_scheduled_tokens - len(decoding) - verified
 
 
 class DSparkRunnerMixin:
@@ -1122,7 +1123,7 @@ class DSparkRunnerMixin:
             measured = now - start
             cost = drafter.step_cost(num_drafting)
             if cost is not None:
-                predicted = float(cost.step_seconds(np.array([num_scheduled_tokens]))[0])
+                predicted = cost.seconds(num_scheduled_tokens)
                 self._dspark_unsettled = FinishedStep(cost, num_scheduled_tokens, num_drafting, draft_s,
                                                       num_decoding, other_tokens, drafter.step_emitted, measured)
         drafter.stats.record_step(num_drafting, drafter.num_tokens, budget, measured, predicted)
