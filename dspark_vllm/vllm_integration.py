@@ -622,12 +622,12 @@ class DSparkProposer:
         draft_s = self.learned.draft_scale * self.profile.draft_seconds(num_drafting)
         return sps_profile.StepCost(self.profile, self.learned, draft_s)
 
-    def should_draft(self, num_drafting: int, other_tokens: int) -> bool:
+    def should_draft(self, num_drafting: int) -> bool:
         """The break-even guard's decision for this step (before any draft exists)."""
         cost = self.step_cost(num_drafting)
         if self.guard is None or cost is None:
             return True
-        return self.guard.should_draft(num_drafting, other_tokens, cost)
+        return self.guard.should_draft(num_drafting, cost)
 
     def verify_lengths(self, confidences, num_drafting: int, other_tokens: int) -> torch.Tensor:
         """How many drafts of each drafting request go to verification next step ([R] int64, CPU).
@@ -1014,7 +1014,7 @@ class DSparkRunnerMixin:
         other_tokens = other_token_count(scheduler_output, round_ids)
         drafts: list[list[int]] = [[] for _ in range(num_reqs)]
         drafter.round = None
-        drafting = bool(rows) and drafter.should_draft(len(rows), other_tokens)
+        drafting = bool(rows) and drafter.should_draft(len(rows))
 
         # 2. Every scheduled token becomes draft context (prefill chunks too), drafting or
         #    not; a step that does not draft defers the write to the next one that does.

@@ -29,28 +29,26 @@ def seen(tau: float, verified: float = 7.0) -> BreakEvenGuard:
 
 
 def test_drafts_before_anything_is_measured():
-    assert BreakEvenGuard().should_draft(1, 0, cost("steep"))
+    assert BreakEvenGuard().should_draft(1, cost("steep"))
 
 
 def test_flat_curve_drafts_steep_curve_skips():
     # flat: a step costs 10 ms whatever B; a round 2.1 ms. 1.5 tokens per round pay for it.
-    assert seen(tau=1.5).should_draft(1, 0, cost("flat"))
+    assert seen(tau=1.5).should_draft(1, cost("flat"))
     # steep: 10 ms + 1 ms per token. Verifying 7 drafts for 1.5 tokens does not pay...
-    assert not seen(tau=1.5).should_draft(1, 0, cost("steep"))
+    assert not seen(tau=1.5).should_draft(1, cost("steep"))
     # ...but 3 tokens per round do: (3 / 20.1 ms) > (1 / 11 ms).
-    assert seen(tau=3.0).should_draft(1, 0, cost("steep"))
-    speculative, plain = seen(tau=3.0).rates(1, 0, cost("steep"))
+    assert seen(tau=3.0).should_draft(1, cost("steep"))
+    speculative, plain = seen(tau=3.0).rates(1, cost("steep"))
     assert speculative == pytest.approx(3.0 / (0.010 + 0.008 + 0.0021))
     assert plain == pytest.approx(1.0 / 0.011)
 
 
-def test_load_and_other_tokens_enter_the_decision():
+def test_load_enters_the_decision():
     """On the steep curve a batch of 64 pays 64 * 7 verified tokens: skip; alone it drafts."""
     guard = seen(tau=2.6)
-    assert guard.should_draft(1, 0, cost("steep", 1))
-    assert not guard.should_draft(64, 0, cost("steep", 64))
-    # A 512-token prefill chunk in the same step makes the extra drafts relatively cheap.
-    assert guard.should_draft(64, 512, cost("steep", 64))
+    assert guard.should_draft(1, cost("steep", 1))
+    assert not guard.should_draft(64, cost("steep", 64))
 
 
 def test_measured_rates_decide_where_the_profile_is_wrong():
@@ -62,57 +60,40 @@ def test_measured_rates_decide_where_the_profile_is_wrong():
     profile = synthetic_profile("flat", 1024)
     wide = StepCost(profile, draft_s=profile.draft_seconds(64))
     guard = seen(tau=2.7, verified=5.0)
-    assert guard.should_draft(64, 0, wide)
+    assert guard.should_draft(64, wide)
     for _ in range(10):
         guard.observe_step(64, verified=True, drafted=True, emitted=64 * 2.7, seconds=0.020)
-    speculative, plain = guard.rates(64, 0, wide)
+    speculative, plain = guard.rates(64, wide)
     assert speculative == pytest.approx(64 * 2.7 / 0.020) and speculative > plain
-    assert [guard.should_draft(64, 0, wide) for _ in range(3)] == [False] * 3  # until plain is measured
+    assert [guard.should_draft(64, wide) for _ in range(3)] == [False] * 3  # until plain is measured
     guard.observe_step(64, verified=True, drafted=False, emitted=64, seconds=0.006)  # a transition: ignored
     guard.observe_step(64, verified=False, drafted=False, emitted=64, seconds=0.018)  # settling: ignored
     assert guard.plain_rate == {}
     guard.observe_step(64, verified=False, drafted=False, emitted=64, seconds=0.006)
-    assert guard.rates(64, 0, wide) == pytest.approx((64 * 2.7 / 0.020, 64 / 0.006))
-    decisions = [guard.should_draft(64, 0, wide) for _ in range(2 * guard.probe_every)]
+    assert guard.rates(64, wide) == pytest.approx((64 * 2.7 / 0.020, 64 / 0.006))
+    decisions = [guard.should_draft(64, wide) for _ in range(2 * guard.probe_every)]
     assert decisions.count(True) == 3  # skip, probing at the end of the first cycle (the next is twice as long)
-    assert guard.should_draft(1, 0, StepCost(profile, draft_s=profile.draft_seconds(1)))  # another bucket: model
-    # A prefill chunk in the step costs what the profile says it adds, both ways: nothing
-    # on the flat curve, so the measured rates still decide.
-    assert guard.rates(64, 512, wide) == pytest.approx((64 * 2.7 / 0.020, 64 / 0.006))
-    assert not guard.should_draft(64, 512, wide)
+    assert guard.should_draft(1, StepCost(profile, draft_s=profile.draft_seconds(1)))  # another bucket: model
     # a measured plain rate is refreshed after refresh_steps decisions, not before
     guard.plain_rate[7] = 1.0  # (pretend plain is slow now: drafting pays)
-    fresh = [guard.should_draft(64, 0, wide) for _ in range(guard.probe_every)]
+    fresh = [guard.should_draft(64, wide) for _ in range(guard.probe_every)]
     assert all(fresh)
     guard.step += guard.refresh_steps
-    assert [guard.should_draft(64, 0, wide) for _ in range(guard.probe_every)].count(False) == 3
+    assert [guard.should_draft(64, wide) for _ in range(guard.probe_every)].count(False) == 3
 
 
-def test_other_tokens_cost_the_profile_margin_both_ways():
-    """Measured rates hold for the decoding requests alone; tokens of other requests in
-    the step (prefill chunks) add the profile's marginal cost T(B + other) - T(B) to
-    each way. On the steep curve (1 ms per token) a 512-token chunk adds 512 ms to both,
-    and then 2.7 tokens per request per step beat 1: the drafting step's extra 6 ms
-    no longer matter."""
+def test_prompt_tokens_are_taken_out_of_measured_steps():
+    """Measured rates hold for the decoding requests alone: a measured step that carried
+    tokens of other requests (a prefill chunk) has the profile's marginal cost of them,
+    T(B + other) - T(B), taken out. On the steep curve (1 ms per token) a 512-token chunk
+    costs about 512 ms, whichever way the step ran."""
     profile = synthetic_profile("steep", 2048)
     wide = StepCost(profile, draft_s=profile.draft_seconds(64))
+    extra = wide.extra_seconds(64, 512)
+    assert 0.4 < extra < 0.7  # 512 ms, to the profile's grid
     guard = seen(tau=2.7, verified=5.0)
-    tau = guard.tau  # 2.75: what seen() could record with 4 requests
-    guard.spec_rate[7], guard.plain_rate[7] = tau / 0.020, 1 / 0.006
-    guard.plain_seen[7] = 0  # measured just now: no exploring plain steps
-    assert not guard.should_draft(64, 0, wide)
-    extra_spec = wide.extra_seconds(64 + 320, 512)
-    extra_plain = wide.extra_seconds(64, 512)
-    assert 0.4 < extra_spec < 0.7 and 0.4 < extra_plain < 0.7  # 512 ms, to the profile's grid
-    speculative, plain = guard.rates(64, 512, wide)
-    assert speculative == pytest.approx(64 * tau / (0.020 + extra_spec))
-    assert plain == pytest.approx(64 / (0.006 + extra_plain))
-    assert guard.should_draft(64, 512, wide)
-    # A measured step that carried such a chunk: its profile cost is taken out first.
-    fresh = seen(tau=2.7, verified=5.0)
-    fresh.observe_step(64, verified=False, drafted=False, emitted=64, seconds=0.006 + extra_plain,
-                       other_s=extra_plain)
-    assert fresh.plain_rate[7] == pytest.approx(1 / 0.006)
+    guard.observe_step(64, verified=False, drafted=False, emitted=64, seconds=0.006 + extra, other_s=extra)
+    assert guard.plain_rate[7] == pytest.approx(1 / 0.006)
 
 
 def test_a_clean_step_supersedes_steps_mostly_made_of_prefill():
@@ -163,11 +144,11 @@ def test_speculation_must_beat_plain_by_the_margin():
     guard = seen(tau=4.0)
     wide = cost("flat", 64)
     guard.spec_rate[7], guard.plain_rate[7], guard.plain_seen[7] = 1.05 * 70.0, 70.0, 0
-    assert not guard.should_draft(64, 0, wide)
+    assert not guard.should_draft(64, wide)
     guard.spec_rate[7] = 1.2 * 70.0
-    assert guard.should_draft(64, 0, wide)
+    assert guard.should_draft(64, wide)
     assert BreakEvenGuard(min_gain=0.0, tau=4.0, spec_rate={7: 1.05 * 70.0}, plain_rate={7: 70.0},
-                          plain_seen={7: 0}).should_draft(64, 0, wide)
+                          plain_seen={7: 0}).should_draft(64, wide)
 
 
 def test_a_finished_prompt_is_not_decode_work():
@@ -189,22 +170,22 @@ def test_probing_resumes_drafting():
     steep = cost("steep")
     cycles = [16, 32, 64, 128, 256, 256]  # each cycle that ends still skipping doubles the next, up to 256
     assert (guard.probe_every, guard.max_probe_every) == (cycles[0], cycles[-1])
-    decisions = [guard.should_draft(1, 0, steep) for _ in range(sum(cycles))]
+    decisions = [guard.should_draft(1, steep) for _ in range(sum(cycles))]
     # skipped, except three probing steps in a row at the end of every cycle
     ends = [sum(cycles[: i + 1]) for i in range(len(cycles))]
     assert [i for i, d in enumerate(decisions) if d] == [end - k for end in ends for k in (3, 2, 1)]
     # the curve flattens (e.g. load fell on a padded engine): the next step drafts again...
-    assert guard.should_draft(1, 0, cost("flat"))
+    assert guard.should_draft(1, cost("flat"))
     # ...and a later skip spell starts with a short cycle again
-    spell = [guard.should_draft(1, 0, steep) for _ in range(guard.probe_every)]
+    spell = [guard.should_draft(1, steep) for _ in range(guard.probe_every)]
     assert [i for i, d in enumerate(spell) if d] == [guard.probe_every - k for k in (3, 2, 1)]
     # every load bucket keeps its own cycle
-    assert set(guard.skip_cycle) == {1} and not guard.should_draft(64, 0, cost("steep", 64))
+    assert set(guard.skip_cycle) == {1} and not guard.should_draft(64, cost("steep", 64))
     assert guard.skip_cycle[7] == (1, guard.probe_every) and guard.skip_cycle[1] == (0, 2 * guard.probe_every)
     # on the steep curve, probes that find the text predictable again bring drafting back
     for _ in range(30):
         guard.observe(num_requests=1, num_verified=7, num_accepted=5)
-    assert guard.tau > 5 and guard.should_draft(1, 0, steep)
+    assert guard.tau > 5 and guard.should_draft(1, steep)
 
 
 @pytest.mark.slow
