@@ -30,9 +30,11 @@ switching ways about one full-batch step in five under steady load. Measured
 in the default engine (one engine, each guard alternated batch by batch, 10-20
 rounds, against never drafting): 0.902 -> 0.954x under steady load at c=64,
 0.929 -> 0.945x and 0.965 -> 0.990x for one batch of 64, and no change at 16
-or 4 requests (0.990 / 0.986x, 1.521 / 1.518x). tau (tokens emitted per drafting request per round,
-bonus included) and v (drafts verified per drafting request) are running means
-over earlier verifications. While the guard skips, it drafts `probe_steps` steps
+or 4 requests (0.990 / 0.986x, 1.521 / 1.518x).
+
+tau (tokens emitted per drafting request per round, bonus included) and v
+(drafts verified per drafting request) are running means over earlier
+verifications. While the guard skips, it drafts `probe_steps` steps
 in a row (a probe) at the end of every skip cycle so that tau follows the text. The
 first cycle of a spell is `probe_every` steps; each cycle that ends still
 skipping doubles the next, up to `max_probe_every`, so that where speculation
@@ -49,9 +51,9 @@ the next) and of plain steps (neither). Other tokens in a step (prefill chunks,
 the prompt of a request whose prefill ends in it) are costed by the profile's
 marginal T(B + other) - T(B) and taken out of a measured step. Under steady
 arrivals nearly every step carries a prompt, so this is what lets the
-measurements decide at high load. The profile underrates
-prefill (its forwards attend over no context), so a step mostly made of other
-tokens is measured only until its bucket sees a step that is not (`_mean`). Where the drafting
+measurements decide at high load. The profile underrates prefill (its forwards
+attend over no context), so a step mostly made of other tokens is measured only
+until its bucket sees a step that is not (`_mean`). Where the drafting
 rate is known but the plain one is not, the guard skips until a plain step is
 measured (at once: a new load level otherwise drafted up to `probe_every` steps on
 the cost model's word); where the plain rate is older than `refresh_steps`, it
