@@ -162,13 +162,14 @@ class BreakEvenGuard:
         R = num_requests
         key = bucket(R)
         tau = self.tau or 1.0
-        b_spec = R + round(R * self.verified)
-        t_spec = cost.seconds(b_spec)
-        t_plain = cost.seconds(R) - cost.draft_s  # the plain step runs no drafter
         if key in self.spec_rate:
             t_spec = tau / self.spec_rate[key]
+        else:
+            t_spec = cost.seconds(R + round(R * self.verified))
         if key in self.plain_rate:
             t_plain = 1.0 / self.plain_rate[key]
+        else:
+            t_plain = cost.seconds(R) - cost.draft_s  # the plain step runs no drafter
         return R * tau / t_spec, R / t_plain
 
     def should_draft(self, num_requests: int, cost: StepCost) -> bool:
