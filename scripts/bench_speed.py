@@ -4,7 +4,7 @@ policy, and vLLM's built-in n-gram speculation, on the same prompts and engine s
     python scripts/bench_speed.py --target T --draft D --prompts P.jsonl \
         --concurrency 1,4,16,64 --json OUT.json [--plot OUT.png] [--policies fixed,sync,async]
         [--calibration CAL.json] [--max-tokens 128] [--num-prompts 64] [--raw] [--dtype auto]
-        [--repeats 3] [--draft-dtype auto]
+        [--repeats 3] [--draft-dtype auto] [--enforce-eager]
 
 One engine (AsyncLLM, in this process) per row: `plain`, `dspark-<policy>` and
 `ngram`. At concurrency c, c clients take the prompts from one queue, one
@@ -89,8 +89,9 @@ def parse_args(argv=None):
                     help="the drafter's dtype (DSparkOptions.draft_dtype; auto: float32 where the CPU emulates bf16)")
     ap.add_argument("--no-warmup", action="store_true",
                     help="measure each level on its first pass (default: run it once unmeasured first; see above)")
-    ap.add_argument("--cuda-graphs", action="store_true",
-                    help="let vLLM compile and capture CUDA graphs (default: enforce_eager, as on the CPU)")
+    ap.add_argument("--enforce-eager", action="store_true",
+                    help="run the target eagerly (default: vLLM's default, as `vllm serve` and `vllm.LLM` run "
+                         "it: torch.compile on the CPU, compiled and CUDA graphs on a GPU)")
     return ap.parse_args(argv)
 
 
@@ -147,7 +148,7 @@ async def bench_engine(args, name, prompts, levels):
     elif name == "ngram":
         kwargs = {"speculative_config": dict(NGRAM)}
     engine = AsyncLLM.from_engine_args(AsyncEngineArgs(
-        model=args.target, dtype=args.dtype, max_model_len=args.max_model_len, enforce_eager=not args.cuda_graphs,
+        model=args.target, dtype=args.dtype, max_model_len=args.max_model_len, enforce_eager=args.enforce_eager,
         max_num_seqs=max(levels), seed=0, disable_log_stats=name != "ngram", **kwargs))
     is_dspark = name.startswith("dspark-")
     params = SamplingParams(max_tokens=args.max_tokens, temperature=args.temperature, ignore_eos=True)
@@ -316,7 +317,7 @@ def main(argv=None):
     results = combine_rounds(rounds)
     out = {"target": args.target, "draft": args.draft, "prompts": args.prompts, "num_prompts": len(prompts),
            "max_tokens": args.max_tokens, "temperature": args.temperature, "dtype": args.dtype,
-           "calibration": args.calibration, "host": host(),
+           "calibration": args.calibration, "enforce_eager": args.enforce_eager, "host": host(),
            "command": " ".join([os.path.basename(sys.argv[0])] + sys.argv[1:]),
            "greedy_outputs_identical": (all(r["identical_to_plain"] for r in results)
                                         if args.temperature == 0 else None),
