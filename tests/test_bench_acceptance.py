@@ -48,6 +48,9 @@ def test_bench_acceptance(fixture_paths, tmp_path):
 
 @pytest.mark.slow
 def test_bench_speed(fixture_paths, tmp_path):
+    """The bench runs every engine as vLLM does by default (enforce_eager=False: the target
+    compiled with torch.compile on the CPU), so this also checks that DSpark's greedy
+    output equals plain decoding's under a compiled target."""
     fx = fixture_paths
     prompts = tmp_path / "prompts.jsonl"
     prompts.write_text("".join(json.dumps({"turns": [f"def function_{i}(x):"]}) + "\n" for i in range(6)))
@@ -83,6 +86,7 @@ def test_bench_speed(fixture_paths, tmp_path):
         assert 0.0 < rows[("dspark-sync", c)]["drafting_step_fraction"] < 0.5
     # The fixture's own dtype, for every engine (vLLM's "auto" would downcast it on CPUs with native bf16).
     assert r["dtype"] == "float32" and {x["model_dtype"] for x in rows.values()} == {"float32"}
+    assert r["enforce_eager"] is False
     assert {rows[("dspark-fixed", c)]["draft_dtype"] for c in (1, 4)} == {"float32"}  # auto, float32 model
     assert r["host"]["threads"] >= 1 and r["host"]["capability"]
     assert png.stat().st_size > 0
