@@ -29,9 +29,9 @@ if __name__ == "__main__":
     paths = dspark_vllm.demo_paths()
     prompts = load_turns(paths["prompts"], args.num_prompts)
     params = SamplingParams(temperature=0.0, max_tokens=args.max_tokens, ignore_eos=True)
-    # The checkpoint's dtype (bf16), as users run it. Eager: compiled (vLLM's default), the bf16
-    # target picks a different argmax on near-ties in a one-row and a many-row forward, so plain
-    # decoding's answers differ from any speculation's at low load (README, Known limits).
+    # The checkpoint's dtype (bf16), as users run it. Eager, because a compiled bf16 target (vLLM's
+    # default) picks a different argmax on near-ties in a one-row and a many-row forward, so plain
+    # decoding's answers would differ from any speculation's at low load (README, Known limits).
     common = dict(max_model_len=2048, enforce_eager=True)
 
     def timed(llm):
