@@ -18,22 +18,22 @@ os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
 NEAR_TIE = 0.25  # float32 logit margin below which bf16 rounding (about 0.06 at logits near 14) can flip it
 
 
-def first_difference(a, b) -> int:
-    """Index of the first token where two different answers differ (or the shorter one's length)."""
-    return next((i for i, (x, y) in enumerate(zip(a, b)) if x != y), min(len(a), len(b)))
-
-
-def top2_gap(target: str, prompt: str, prefix) -> float:
-    """The target's float32 logit margin between its two best next tokens after prompt + prefix
-    (Hugging Face transformers, the prompt tokenized as vLLM tokenizes it)."""
+def top2_gaps(target: str, cases) -> list[float]:
+    """For each (prompt, prefix): the target's float32 logit margin between its two best next
+    tokens after prompt + prefix (Hugging Face transformers, the prompt tokenized as vLLM
+    tokenizes it). The model is loaded once."""
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    ids = AutoTokenizer.from_pretrained(target)(prompt).input_ids + list(prefix)
+    tokenizer = AutoTokenizer.from_pretrained(target)
     model = AutoModelForCausalLM.from_pretrained(target, dtype=torch.float32).eval()
-    with torch.no_grad():
-        top = model(torch.tensor([ids])).logits[0, -1].topk(2).values
-    return float(top[0] - top[1])
+    gaps = []
+    for prompt, prefix in cases:
+        ids = tokenizer(prompt).input_ids + list(prefix)
+        with torch.no_grad():
+            top = model(torch.tensor([ids])).logits[0, -1].topk(2).values
+        gaps.append(float(top[0] - top[1]))
+    return gaps
 
 
 if __name__ == "__main__":
@@ -45,6 +45,7 @@ if __name__ == "__main__":
     from vllm import LLM, SamplingParams
 
     import dspark_vllm
+    from bench_speed import first_difference  # scripts/, next to this file
     from dspark_vllm.prompts import load_turns
 
     paths = dspark_vllm.demo_paths()
@@ -78,8 +79,9 @@ if __name__ == "__main__":
     differing = [(i, first_difference(a.token_ids, b.token_ids)) for i, (a, b) in enumerate(zip(spec, plain))
                  if a.token_ids != b.token_ids]
     print(f"identical to plain decoding: {not differing}")
-    for i, at in differing:
-        gap = top2_gap(paths["target"], prompts[i], plain[i].token_ids[:at])
+    cases = [(prompts[i], plain[i].token_ids[:at]) for i, at in differing]
+    gaps = top2_gaps(paths["target"], cases) if cases else []
+    for (i, at), gap in zip(differing, gaps):
         why = ("a bf16 near-tie, which a multi-token forward can break the other way (README, Known limits)"
                if gap < NEAR_TIE else "not a near-tie: please report it")
         print(f"  answer {i} first differs at token {at}, where the target's two best next tokens are "
