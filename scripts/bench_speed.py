@@ -4,24 +4,29 @@ policy, and vLLM's built-in n-gram speculation, on the same prompts and engine s
     python scripts/bench_speed.py --target T --draft D --prompts P.jsonl \
         --concurrency 1,4,16,64 --json OUT.json [--plot OUT.png] [--policies fixed,sync,async]
         [--calibration CAL.json] [--max-tokens 128] [--num-prompts 64] [--raw] [--dtype auto]
-        [--repeats 3] [--draft-dtype auto] [--enforce-eager]
+        [--repeats 3] [--min-seconds 4] [--draft-dtype auto] [--enforce-eager]
 
 One engine (AsyncLLM, in this process) per row: `plain`, `dspark-<policy>` and
 `ngram`. At concurrency c, c clients take the prompts from one queue, one
 request at a time, until every prompt was answered (so each level does the
 same work; c=1 is requests one by one, c=64 about one batch).
 
-Each level runs twice on its engine, and the second pass is the one measured
-(--no-warmup: only the first). A fresh engine's first pass at a load level pays
-one-time costs that a serving engine has long paid: vLLM's CPU GEMMs (oneDNN)
-build a kernel for every new number of rows on first use (about 0.6 ms per
-GEMM here, so about 10 ms for the default pair's target forward), and
-speculation verifies a different number of rows nearly every step, so it meets
-many more new row counts than plain decoding does; the break-even guard also
-measures a new load level first. The first pass's speed is reported too
+Each level runs once unmeasured on its engine (a warm-up; --no-warmup: none),
+then is measured over passes until they add up to --min-seconds of wall time
+(4 s by default, at least one pass); its speed is the tokens of all measured
+passes over their time. A pass at c=64 takes about a second here, and
+one-second passes of the same engine read up to 20% apart on shared cores.
+A fresh engine's first pass at a load level pays one-time costs that a
+serving engine has long paid: vLLM's CPU GEMMs (oneDNN) build a kernel for
+every new number of rows on first use (about 0.6 ms per GEMM here, so about
+10 ms for the default pair's target forward), and speculation verifies a
+different number of rows nearly every step, so it meets many more new row
+counts than plain decoding does; the break-even guard also measures a new
+load level first. The first pass's speed is reported too
 (`cold_*`). Per row and c:
 
-  output_tokens_per_s   generated tokens / wall time of the level
+  output_tokens_per_s   generated tokens / wall time of the level's measured passes
+  passes                how many passes were measured (requests, tokens: their totals)
   ratio_to_plain        output_tokens_per_s / plain's at the same c (and round)
   ratio_range           lowest and highest ratio over the rounds (--repeats)
   cold_output_tokens_per_s, cold_ratio_to_plain   the same for the level's first
@@ -32,7 +37,8 @@ measures a new load level first. The first pass's speed is reported too
                         (the break-even guard skips the others; DSpark only)
   model_dtype           what the engine's model ran in (--dtype; the checkpoint's by default)
   draft_dtype           what the drafter ran in (DSpark only; --draft-dtype, auto by default)
-  identical_to_plain    greedy: every answer equals plain decoding's (null when sampling)
+  identical_to_plain    greedy: every answer of the first measured pass equals plain
+                        decoding's (null when sampling)
   answers_differing, first_difference_at   greedy: how many answers differ from plain
                         decoding's, and at which token each first does
 
@@ -87,6 +93,8 @@ def parse_args(argv=None):
                     help="rounds of every engine (alternating order); rows report the median and range")
     ap.add_argument("--draft-dtype", default="auto", choices=["auto", "model", "float32"],
                     help="the drafter's dtype (DSparkOptions.draft_dtype; auto: float32 where the CPU emulates bf16)")
+    ap.add_argument("--min-seconds", type=float, default=4.0,
+                    help="measure each level over passes until their wall time adds up to this (at least one pass)")
     ap.add_argument("--no-warmup", action="store_true",
                     help="measure each level on its first pass (default: run it once unmeasured first; see above)")
     ap.add_argument("--enforce-eager", action="store_true",
@@ -158,12 +166,15 @@ async def bench_engine(args, name, prompts, levels):
         for c in levels:
             cold = None if args.no_warmup else await run_level(engine, prompts, c, params)
             before = await (dspark_counters(engine) if is_dspark else ngram_counters(engine))
-            got, wall = await run_level(engine, prompts, c, params)
+            got, wall, passes, tokens = None, 0.0, 0, 0
+            while passes == 0 or wall < args.min_seconds:
+                answers_now, seconds = await run_level(engine, prompts, c, params)
+                got = got or answers_now  # the first measured pass is compared with plain decoding
+                wall, passes, tokens = wall + seconds, passes + 1, tokens + sum(len(t) for t in answers_now.values())
             after = await (dspark_counters(engine) if is_dspark else ngram_counters(engine))
             delta = {k: after[k] - before[k] for k in after}
-            tokens = sum(len(t) for t in got.values())
             row = {"engine": name, "concurrency": c, "output_tokens_per_s": tokens / wall, "wall_s": wall,
-                   "requests": len(got), "tokens": tokens,
+                   "passes": passes, "requests": passes * len(got), "tokens": tokens,
                    "model_dtype": str(engine.model_config.dtype).removeprefix("torch."),
                    "tau": 1 + delta["accepted"] / delta["rounds"] if delta["rounds"] else None}
             if cold is not None:
