@@ -43,6 +43,23 @@ loses, fade to about 1% of steps. A step that drafts ends the spell. The batch
 size is read fresh every step and every load bucket keeps its own cycle, so a
 change of load changes the decision at once.
 
+A change of text ends a spell too. The measured rates are running means over
+many steps, so they mix the text's predictability into the hardware's speed:
+one hard request (one by one, its drafts accepting 1-2 tokens a round) pulls
+the drafting rate below the margin, and the spell it starts outlives it. A
+probe's one measured step moves that mean by a tenth, so probes could not end
+the spell, its cycles doubled, and the next requests, easy ones, decoded
+plainly: 17-20% of the steps of 16 held-out prompts served one at a time,
+about 5% of `sync`'s speed against `fixed`. So a probe's round is judged by
+what the text now promises: its expected tokens per request, 1 + the sum of
+the calibrated survival of the drafts it verifies (`observe`'s
+`num_expected`), against the running mean of the same expectation in the
+bucket (the policy verifies fewer drafts under load). Where
+that ratio lifts the measured drafting rate past the margin, the spell ends
+and the bucket's drafting rate is rescaled by it. Only a probe reads it: a
+spell still starts on the measured rates alone, so one unpredictable round
+never stops drafting.
+
 The profile cannot see everything that grows with the batch (attention over
 long contexts, logits and sampling of every verified row), so the guard also
 measures both ways directly: per power-of-two bucket of R, the tokens emitted
@@ -66,7 +83,8 @@ runs slow (18-21 ms against 12-15 at 64 requests here), so a switch costs two
 steps and a probe or a plain measurement takes three.
 
 Why it is lossless: the decision uses finished steps and the batch size only,
-and is taken before this step's drafts exist. Verifying no draft (the request
+and is taken before this step's drafts exist (a probe's expectation is that of
+a round already verified). Verifying no draft (the request
 decodes plainly) is exact, and on drafting steps the policy decides as before;
 no decision ever depends on a draft token it judges.
 """
@@ -102,6 +120,8 @@ class BreakEvenGuard:
     max_estimated_share: float = 0.25  # a step whose other tokens cost more (by the profile) is "mixed"
     clean: set[tuple[bool, int]] = field(default_factory=set)  # (drafting, bucket) with a clean sample
     settling: bool = False  # the last step switched ways: the next one measures neither
+    expected: dict[int, float] = field(default_factory=dict)  # bucket -> mean expected tokens per request and round
+    fresh_expected: float | None = None  # the round verified since the last decision, if any
 
     def _mean(self, table: dict[int, float], key: int, value: float, drafting: bool, clean: bool = True) -> bool:
         """Running mean: the plain average of the first 1 / smoothing samples, then exponential.
@@ -125,8 +145,11 @@ class BreakEvenGuard:
         table[key] = value if n == 1 else table[key] + weight * (value - table[key])
         return True
 
-    def observe(self, num_requests: int, num_verified: int, num_accepted: int) -> None:
-        """One verification step of `num_requests` requests that had drafted."""
+    def observe(self, num_requests: int, num_verified: int, num_accepted: int,
+                num_expected: float | None = None) -> None:
+        """One verification step of `num_requests` requests that had drafted; num_expected:
+        the drafts they were expected to accept (the sum of the verified drafts' calibrated
+        survival; None without a confidence head)."""
         if num_requests <= 0:
             return
         tau = 1.0 + num_accepted / num_requests
@@ -136,6 +159,11 @@ class BreakEvenGuard:
         else:
             self.tau += self.smoothing * (tau - self.tau)
             self.verified += self.smoothing * (verified - self.verified)
+        if num_expected is not None:
+            key, expected = bucket(num_requests), 1.0 + num_expected / num_requests
+            mean = self.expected.get(key)
+            self.expected[key] = expected if mean is None else mean + self.smoothing * (expected - mean)
+            self.fresh_expected = expected
 
     def observe_step(self, num_requests: int, verified: bool, drafted: bool, emitted: int, seconds: float,
                      other_s: float = 0.0) -> None:
@@ -177,8 +205,9 @@ class BreakEvenGuard:
             return True  # nothing measured yet: find out
         self.step += 1
         key = bucket(num_requests)
+        fresh, self.fresh_expected = self.fresh_expected, None
         speculative, plain = self.rates(num_requests, cost)
-        if speculative <= plain * (1.0 + self.min_gain):
+        if speculative <= plain * (1.0 + self.min_gain) and not self._probe_finds_gain(key, fresh, speculative, plain):
             return self._probe(key)
         self.skip_cycle.pop(key, None)  # speculation pays: a later skip spell starts short again
         if key in self.spec_rate:  # drafting measured here: is plain decoding too, and lately?
@@ -186,6 +215,19 @@ class BreakEvenGuard:
                 return False  # never: measure it now
             if self.step - self.plain_seen[key] >= self.refresh_steps:
                 return self.step % self.probe_every >= self.probe_steps  # explore: probe_steps plain steps
+        return True
+
+    def _probe_finds_gain(self, key: int, fresh: float | None, speculative: float, plain: float) -> bool:
+        """In a skip spell, whether the round a probe just verified promises enough tokens
+        (its expected tokens per request against their running mean) to lift the measured
+        drafting rate past the margin; if so, that rate takes the lift (module doc)."""
+        if key not in self.skip_cycle or fresh is None or not self.expected.get(key):
+            return False
+        lift = fresh / self.expected[key]
+        if speculative * lift <= plain * (1.0 + self.min_gain):
+            return False
+        if key in self.spec_rate:
+            self.spec_rate[key] *= lift
         return True
 
     def _probe(self, key: int) -> bool:

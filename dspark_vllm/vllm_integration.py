@@ -660,7 +660,8 @@ class DSparkProposer:
                 logits = calibrated_logits(logits, **self.offline_maps)
             self.online.observe(logits, nd[mine], accepted[mine])
         if self.guard is not None:
-            self.guard.observe(int((nd > 0).sum()), int(nd.sum()), int(accepted.sum()))
+            expected = None if predicted is None or not known.all() else float(predicted.sum())
+            self.guard.observe(int((nd > 0).sum()), int(nd.sum()), int(accepted.sum()), expected)
         self.step_emitted = int(accepted.sum()) + len(nd)  # this step's output tokens, for the guard
 
 

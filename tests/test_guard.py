@@ -188,6 +188,68 @@ def test_probing_resumes_drafting():
     assert guard.tau > 5 and guard.should_draft(1, steep)
 
 
+def hard_text_spell() -> BreakEvenGuard:
+    """A guard that measured one request's hard text: rounds emitting 2 tokens (expected
+    2 by the calibrated confidences) in 4 ms steps, against 2 ms plain steps. 500 tokens
+    per second drafting is not 10% above plain's 500: it skips."""
+    guard = BreakEvenGuard()
+    for _ in range(10):
+        guard.observe(1, num_verified=7, num_accepted=1, num_expected=1.0)
+        guard.observe_step(1, verified=True, drafted=True, emitted=2, seconds=0.004)
+    guard.plain_rate[1], guard.plain_seen[1] = 1 / 0.002, 0
+    assert guard.rates(1, cost("flat")) == pytest.approx((500.0, 500.0))
+    return guard
+
+
+def test_a_probe_that_finds_predictable_text_ends_the_spell():
+    """The measured drafting rate is a running mean over many steps, so a hard request
+    starts a spell that its one-step probes could not end. A probe's round is judged by
+    what the text now promises (its expected tokens per request against their running
+    mean): the next request's easy text ends the spell at the probe, and the bucket's
+    drafting rate takes the lift."""
+    flat = cost("flat")
+    guard = hard_text_spell()
+    spell = [guard.should_draft(1, flat) for _ in range(guard.probe_every - 2)]
+    assert spell == [False] * (guard.probe_every - 3) + [True]  # skipping, then the probe's first round
+    guard.observe(1, num_verified=7, num_accepted=5, num_expected=4.5)  # its verification: 5.5 expected
+    assert guard.expected[1] == pytest.approx(2.0 + 0.1 * 3.5)
+    lift = 5.5 / guard.expected[1]
+    assert guard.should_draft(1, flat) and 1 not in guard.skip_cycle  # the spell ends here
+    assert guard.spec_rate[1] == pytest.approx(500.0 * lift)
+    assert all(guard.should_draft(1, flat) for _ in range(2 * guard.probe_every))  # and stays ended
+
+
+def test_a_probe_that_finds_the_same_text_keeps_skipping():
+    """A probe whose round promises what the measured steps delivered changes nothing:
+    the probe runs its steps and the spell goes on (a host where drafting does not pay
+    keeps skipping, whatever a round expects)."""
+    flat = cost("flat")
+    guard = hard_text_spell()
+    decisions = [guard.should_draft(1, flat) for _ in range(guard.probe_every - 2)]
+    for _ in range(2):  # the probe's rounds are verified; they expect what the text gave
+        guard.observe(1, num_verified=7, num_accepted=1, num_expected=1.0)
+        decisions.append(guard.should_draft(1, flat))
+    assert [i for i, d in enumerate(decisions) if d] == [guard.probe_every - k for k in (3, 2, 1)]
+    assert not any(guard.should_draft(1, flat) for _ in range(2 * guard.probe_every - 3))  # the next cycle
+
+
+def test_one_round_expectation_neither_starts_nor_stops_drafting_outside_a_spell():
+    """Only a probe reads a round's expectation. While drafting pays, an unpredictable
+    round does not stop it; while it does not, a predictable round does not prevent the
+    spell from starting (the measured rates decide both)."""
+    flat = cost("flat")
+    guard = BreakEvenGuard()
+    for _ in range(10):
+        guard.observe(1, num_verified=7, num_accepted=4, num_expected=4.0)
+        guard.observe_step(1, verified=True, drafted=True, emitted=5, seconds=0.004)
+    guard.plain_rate[1], guard.plain_seen[1] = 1 / 0.002, 0
+    guard.observe(1, num_verified=7, num_accepted=0, num_expected=0.1)  # a round expecting nothing
+    assert guard.should_draft(1, flat)
+    guard = hard_text_spell()
+    guard.observe(1, num_verified=7, num_accepted=6, num_expected=6.0)  # a round expecting 7 tokens
+    assert not guard.should_draft(1, flat)
+
+
 @pytest.mark.slow
 def test_engine_skips_the_drafter_on_a_steep_curve_and_stays_exact(fixture_paths, baseline, prompts):
     import dspark_vllm
