@@ -49,8 +49,9 @@ one hard request (one by one, its drafts accepting 1-2 tokens a round) pulls
 the drafting rate below the margin, and the spell it starts outlives it. A
 probe's one measured step moves that mean by a tenth, so probes could not end
 the spell, its cycles doubled, and the next requests, easy ones, decoded
-plainly: 17-20% of the steps of 16 held-out prompts served one at a time,
-about 5% of `sync`'s speed against `fixed`. So a probe's round is judged by
+plainly: 12-20% of the steps of 16-24 held-out prompts served one at a time
+(`fixed` drafts in all), 3% of `sync`'s speed there by in-engine alternation
+of the two guards. So a probe's round is judged by
 what the text now promises: its expected tokens per request, 1 + the sum of
 the calibrated survival of the drafts it verifies (`observe`'s
 `num_expected`), against the running mean of the same expectation in the
