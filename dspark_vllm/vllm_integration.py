@@ -648,10 +648,11 @@ class DSparkProposer:
         accepted = (out != PLACEHOLDER).sum(-1) - 1
         positions = np.arange(self.num_tokens)
         verified_mask = nd[:, None] > positions  # [n, K]: slot k of request r was verified
-        predicted = None
+        predicted = expected = None  # expected: accepted drafts the guard's probes compare (all rows known)
         if self.round is not None and self.round.survival is not None:
             known = rows >= 0
             predicted = (self.round.survival[rows[known]] * verified_mask[known]).sum(0)
+            expected = float(predicted.sum()) if known.all() else None
         self.stats.record_verification(verified_mask.sum(0), (accepted[:, None] > positions).sum(0), predicted)
         if self.online is not None and self.round is not None:
             mine = (rows >= 0) & (nd > 0)
@@ -660,7 +661,6 @@ class DSparkProposer:
                 logits = calibrated_logits(logits, **self.offline_maps)
             self.online.observe(logits, nd[mine], accepted[mine])
         if self.guard is not None:
-            expected = None if predicted is None or not known.all() else float(predicted.sum())
             self.guard.observe(int((nd > 0).sum()), int(nd.sum()), int(accepted.sum()), expected)
         self.step_emitted = int(accepted.sum()) + len(nd)  # this step's output tokens, for the guard
 
