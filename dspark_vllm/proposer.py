@@ -47,9 +47,9 @@ def draft_block(
     base = model.base_logits(hidden[:, :num_tokens])  # U_k, [B, K, V]
 
     # 2. Sequential Markov loop: slot k's logits get the bias of the token drafted at k-1.
-    greedy = sampling.is_greedy.to(anchors.device)
     if sampled is None:
-        sampled = not bool(greedy.all())
+        sampled = not bool(sampling.is_greedy.all())
+    greedy = sampling.is_greedy.to(anchors.device) if sampled else None
     probs = base.new_zeros(base.shape) if sampled else None
     head = model.markov_head
     state = head.init_state(B, hidden) if head is not None else None

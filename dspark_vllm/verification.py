@@ -186,23 +186,23 @@ def verify_greedy(target_logits: torch.Tensor, draft_token_ids: torch.Tensor, nu
     rows = idx + torch.arange(n, device=device)[:, None]  # the target row scoring it
     x = draft_token_ids.to(device=device, dtype=torch.long)[idx]
     match = (x == argmax[rows]) & (j < nd[:, None])
-    n_acc = match.long().cumprod(1).sum(1)
-    emitted = argmax[first + torch.arange(n, device=device) + n_acc]
-    out = torch.full((n, max_len + 1), PLACEHOLDER, dtype=torch.long, device=device)
-    out[:, :max_len] = torch.where(j < n_acc[:, None], x, PLACEHOLDER)
-    return out.scatter_(1, n_acc[:, None], emitted[:, None])
+    n_acc = match.long().cumprod(1).sum(1, keepdim=True)
+    # Slot j <= n_acc holds the target's argmax of its row: an accepted draft equals it, and
+    # slot n_acc is the emitted token (the first mismatch's row, or the bonus row).
+    slot = torch.arange(max_len + 1, device=device)
+    out_rows = (first + torch.arange(n, device=device))[:, None] + slot
+    return torch.where(slot <= n_acc, argmax[out_rows.clamp(max=argmax.shape[0] - 1)], PLACEHOLDER)
 
 
 def verify_greedy_uniform(target_logits: torch.Tensor, draft_token_ids: torch.Tensor, num_draft: int) -> torch.Tensor:
     """verify_greedy() for a batch in which every request verifies the same number L of
     drafts (a single request, the `fixed` policy): the rows are then n blocks of L + 1,
-    and a reshape replaces verify_greedy's index arithmetic (half the ops; the same output)."""
+    and a reshape replaces verify_greedy's index arithmetic (the same output in half the ops)."""
     L = num_draft
     argmax = greedy_tokens(target_logits).view(-1, L + 1)  # [n, L + 1]: L draft rows, then the bonus row
     if L == 0:
         return argmax
-    x = draft_token_ids.to(device=argmax.device, dtype=torch.long).view(-1, L)
+    x = draft_token_ids.view(-1, L)
     n_acc = (x == argmax[:, :L]).cumprod(1).sum(1, keepdim=True)  # accepted prefix length [n, 1]
-    out = torch.where(torch.arange(L, device=argmax.device) < n_acc, x, PLACEHOLDER)
-    out = torch.cat([out, out.new_full((out.shape[0], 1), PLACEHOLDER)], dim=1)
-    return out.scatter_(1, n_acc, argmax.gather(1, n_acc))
+    # Accepted drafts equal their rows' argmax, and slot n_acc is the emitted argmax.
+    return torch.where(torch.arange(L + 1, device=argmax.device) <= n_acc, argmax, PLACEHOLDER)

@@ -952,16 +952,19 @@ class DSparkRunnerMixin:
         q = self._draft_probs.flatten(0, 1)[index.clamp(min=0)]
         return q * (index >= 0)[:, None]
 
-    def _dspark_anchors(self, sampled_token_ids, num_reqs: int, table):
-        """Requests that draft this step: a fresh anchor (not mid-prefill) and room for a block."""
+    def _dspark_anchors(self, num_reqs: int, table):
+        """Requests that draft this step: a fresh anchor (not mid-prefill) and room for a block.
+        Read from the batch's arrays after vLLM's bookkeeping wrote this step's tokens (no
+        Python loop over requests): a request whose sampled token vLLM discards (a prefill
+        chunk that does not end its prompt) has none."""
         gamma = self.drafter.draft_config.block_size
         last_anchor = np.minimum(table.num_blocks_per_row[:num_reqs] * table.block_size,
                                  self.max_model_len) - gamma  # the block must fit behind the anchor
         positions = self.input_batch.num_tokens_no_spec[:num_reqs] - 1
-        last = np.fromiter((toks[-1] if toks else -1 for toks in sampled_token_ids[:num_reqs]),
-                           dtype=np.int64, count=num_reqs)  # -1: sampled nothing (mid-prefill)
-        rows = np.flatnonzero((last >= 0) & (positions <= last_anchor))
-        return rows.tolist(), last[rows].tolist(), positions[rows]
+        fresh = ~self.discard_request_mask.np[:num_reqs]
+        rows = np.flatnonzero(fresh & (positions <= last_anchor))
+        anchors = self.input_batch.token_ids_cpu[rows, positions[rows]]
+        return rows.tolist(), anchors.tolist(), positions[rows]
 
     @torch.inference_mode()
     def propose_draft_token_ids(self, scheduler_output, sampled_token_ids, sampling_metadata, *args):
@@ -1010,7 +1013,7 @@ class DSparkRunnerMixin:
         req_ids = self.input_batch.req_ids[:num_reqs]
         gid, _ = self._dspark_group()
         table = self.input_batch.block_table[gid]
-        rows, anchors, anchor_pos = self._dspark_anchors(sampled_token_ids, num_reqs, table)
+        rows, anchors, anchor_pos = self._dspark_anchors(num_reqs, table)
         round_ids = [req_ids[i] for i in rows]
         other_tokens = other_token_count(scheduler_output, round_ids)
         drafts: list[list[int]] = [[] for _ in range(num_reqs)]
