@@ -94,7 +94,10 @@ def prefix_survival(confidences, max_len: int, num_reqs: int, policy: str) -> np
             "= (num_reqs, max_len)"
         )
     c = confidences[:, :max_len]
-    c = c.detach().to("cpu", torch.float64).numpy() if isinstance(c, torch.Tensor) else np.asarray(c, np.float64)
+    if isinstance(c, torch.Tensor):  # the proposer passes float64 on the host: a view, no conversion op
+        c = c.numpy() if c.dtype == torch.float64 and c.device.type == "cpu" else c.detach().to("cpu", torch.float64).numpy()
+    else:
+        c = np.asarray(c, np.float64)
     return np.fmin(np.fmax(c, 0.0), 1.0).cumprod(-1)  # fmax maps NaN to 0; 2 us vs 12 for nan_to_num + clip
 
 
@@ -105,6 +108,9 @@ def candidates(survival: np.ndarray):
     slot's predecessor (same request, a >= its own) always comes first.
     """
     num_reqs = survival.shape[0]
+    if num_reqs == 1:  # one request: its slots are already best first (a never grows along a block)
+        a = survival[0, : np.count_nonzero(survival[0] > 0)]
+        return a, np.zeros(len(a), np.int64), np.arange(len(a))
     a = survival.T.reshape(-1)  # slot-major: index = slot * num_reqs + request
     order = np.argsort(-a, kind="stable")  # stable: ties keep (slot, request) order
     order = order[: np.count_nonzero(a > 0)]  # a >= 0, so the zeros sort last
@@ -119,9 +125,8 @@ def admitted_lengths(req: np.ndarray, slot: np.ndarray, n: int, num_reqs: int) -
     """
     req, slot = req[:n], slot[:n]
     lengths = np.bincount(req, minlength=num_reqs)
-    deepest = np.full(num_reqs, -1)
-    np.maximum.at(deepest, req, slot)
-    if not np.array_equal(deepest + 1, lengths):
+    # A request's admitted slots are distinct, so they are 0..len-1 iff every one is below len.
+    if not (slot < lengths[req]).all():
         raise RuntimeError("admitted slots are not a prefix of their block (non-monotone survival)")
     return torch.from_numpy(lengths.astype(np.int64))
 

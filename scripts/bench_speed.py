@@ -32,7 +32,10 @@ load level first. The first pass's speed is reported too
   cold_output_tokens_per_s, cold_ratio_to_plain   the same for the level's first
                         pass (the unmeasured warm-up; absent with --no-warmup)
   tau                   tokens emitted per drafting request and round, bonus
-                        included (DSpark: the plugin's counters; ngram: vLLM's)
+                        included (DSpark: the plugin's counters; ngram: vLLM's,
+                        which count only the steps where prompt lookup found a
+                        match, so n-gram emits fewer tokens per step than its tau;
+                        scripts/replay_drafts.py compares tokens per step)
   drafting_step_fraction  share of engine steps in which the drafter ran
                         (the break-even guard skips the others; DSpark only)
   model_dtype           what the engine's model ran in (--dtype; the checkpoint's by default)
