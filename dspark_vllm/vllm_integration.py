@@ -660,9 +660,10 @@ class DSparkProposer:
             if self.offline_maps is not None:  # refinement scales the offline map's logits
                 logits = calibrated_logits(logits, **self.offline_maps)
             self.online.observe(logits, nd[mine], accepted[mine])
+        num_accepted = int(accepted.sum())
         if self.guard is not None:
-            self.guard.observe(int((nd > 0).sum()), int(nd.sum()), int(accepted.sum()), expected)
-        self.step_emitted = int(accepted.sum()) + len(nd)  # this step's output tokens, for the guard
+            self.guard.observe(int((nd > 0).sum()), int(nd.sum()), num_accepted, expected)
+        self.step_emitted = num_accepted + len(nd)  # this step's output tokens, for the guard
 
 
 def draft_dtype(option: str, model_dtype: torch.dtype, device: torch.device) -> torch.dtype:
@@ -979,7 +980,8 @@ class DSparkRunnerMixin:
         whose own drafter would have drafted differently (a near-tie) cannot diverge.
         """
         if _is_first_rank():
-            drafts = self._dspark_propose(scheduler_output, sampled_token_ids, sampling_metadata, *args)
+            # sampled_token_ids: vLLM's lists; _dspark_anchors reads the same tokens from the batch's arrays
+            drafts = self._dspark_propose(scheduler_output, sampling_metadata, *args)
         else:
             drafts = [[] for _ in range(self.input_batch.num_reqs)]  # never scheduled: only the driver's count
         if _tp_world_size() > 1 and not sampling_metadata.all_greedy:
@@ -1003,7 +1005,7 @@ class DSparkRunnerMixin:
         for i, g in generators.items():  # the same batch, so the same seeded requests
             g.set_state(shared[f"generator.{i}"])
 
-    def _dspark_propose(self, scheduler_output, sampled_token_ids, sampling_metadata,
+    def _dspark_propose(self, scheduler_output, sampling_metadata,
                         hidden_states, sample_hidden_states, aux_hidden_states,
                         spec_decode_metadata, common_attn_metadata, slot_mappings):
         drafter: DSparkProposer = self.drafter
