@@ -252,6 +252,55 @@ def test_preemption_with_a_tiny_kv_cache(plain, pair, code):
     assert got == expected
 
 
+# -- chunked prefill ------------------------------------------------------------
+
+def _anchors_of_recent_rounds(worker):
+    """Runs inside the worker: (request id, anchor, anchor position) of every recent round."""
+    return [(req_id, int(r.anchors[j]), int(r.anchor_positions[j]))
+            for r in worker.model_runner.drafter.recent_rounds for j, req_id in enumerate(r.req_ids)]
+
+
+def test_a_prompt_prefilled_in_chunks_while_others_draft(plain, pair, code, monkeypatch):
+    """A 400-token prompt through a 64-token step budget is prefilled over several steps
+    while three short requests decode and draft beside it. A request whose step ends
+    inside its prompt samples nothing (vLLM discards the token), so it has no anchor and
+    does not draft until its prompt is done (`_dspark_anchors`): every round's anchor is
+    the request's token at that position, never inside a prompt, and the output equals
+    plain decoding."""
+    import dspark_vllm
+    from vllm import LLM
+
+    monkeypatch.setenv("VLLM_ALLOW_INSECURE_SERIALIZATION", "1")  # collective_rpc with a function
+    short, stream = code
+    prompts = [p[:20] for p in short[:3]] + [stream[:400]]
+    params = greedy(max_tokens=16, ignore_eos=True)
+    expected = generate(plain, prompts, params)
+    llm = LLM(model=pair["target"], **dspark_vllm.engine_kwargs(pair["dspark"]), **SETTINGS,
+              max_num_batched_tokens=64)
+    try:
+        got = generate(llm, prompts, params)
+        [rounds] = llm.collective_rpc(_anchors_of_recent_rounds)
+    finally:
+        close(llm)
+    assert token_ids(got) == token_ids(expected)
+    # the engine's request ids are the outputs' ids with a suffix: "<id>-<random>"
+    rounds = [(req_id.split("-")[0], anchor, position) for req_id, anchor, position in rounds]
+    text = {out.request_id: list(out.prompt_token_ids) + list(out.outputs[0].token_ids) for out in got}
+    prompt_len = {out.request_id: len(out.prompt_token_ids) for out in got}
+    assert len(rounds) < 64 and set(text) >= {req_id for req_id, _, _ in rounds}
+    last = {req_id: i for i, (req_id, _, _) in enumerate(rounds)}
+    for i, (req_id, anchor, position) in enumerate(rounds):  # the worker keeps 64 rounds: these are all
+        assert position >= prompt_len[req_id], (req_id, position)
+        if position < len(text[req_id]):
+            assert anchor == text[req_id][position], (req_id, position)
+        else:  # only the round after the step that reached max_tokens (the engine trims that step's tokens)
+            assert i == last[req_id], (req_id, position)
+    long_id = got[3].request_id
+    first_long = next(i for i, (req_id, _, _) in enumerate(rounds) if req_id == long_id)
+    drafted_beside = {req_id for req_id, _, _ in rounds[:first_long]}
+    assert drafted_beside == {out.request_id for out in got[:3]}  # the short ones drafted during its prefill
+
+
 # -- prefix caching -------------------------------------------------------------
 
 def test_prefix_caching_with_a_long_shared_prefix(plain, dspark, code):
