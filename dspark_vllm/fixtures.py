@@ -103,8 +103,18 @@ def make_draft(out: str | Path, target_model, **kw) -> DSparkDraftModel:
     return draft
 
 
-def make_fixtures(out: str | Path, **target_kw) -> dict[str, str]:
+def make_fixtures(out: str | Path, draft_kw: dict | None = None, dtype: torch.dtype | None = None,
+                  **target_kw) -> dict[str, str]:
+    """A random target (make_target's options) and a random drafter for it (draft_config_for's
+    options; block 7 unless given), both saved in `dtype` (None: float32)."""
     out = Path(out)
     target, tok = make_target(out / "target", **target_kw)
-    make_draft(out / "dspark", target, block_size=7, mask_token_id=tok.convert_tokens_to_ids("<|mask|>"))
+    if dtype is not None:
+        target = target.to(dtype)
+        target.config.dtype = dtype
+        target.save_pretrained(out / "target", safe_serialization=True)
+    draft_kw = {"block_size": 7, **(draft_kw or {})}
+    draft = make_draft(out / "dspark", target, mask_token_id=tok.convert_tokens_to_ids("<|mask|>"), **draft_kw)
+    if dtype is not None:
+        save_checkpoint(draft.to(dtype), out / "dspark")
     return {"target": str(out / "target"), "dspark": str(out / "dspark")}

@@ -34,8 +34,14 @@ load level first. The first pass's speed is reported too
   tau                   tokens emitted per drafting request and round, bonus
                         included (DSpark: the plugin's counters; ngram: vLLM's,
                         which count only the steps where prompt lookup found a
-                        match, so n-gram emits fewer tokens per step than its tau;
-                        scripts/replay_drafts.py compares tokens per step)
+                        match, so n-gram emits fewer tokens per step than its tau)
+  tokens_per_step       output tokens per engine step, every step counted (prefill
+                        steps and steps that speculated nothing included): at c=1
+                        what one step of the one request buys, the number to set
+                        against the step's cost (DSpark: the plugin's step counter;
+                        ngram: the count of vLLM's per-step histogram
+                        vllm:iteration_tokens_total; plain: absent, 1 at c=1). At
+                        higher c it is the batch's tokens per step.
   drafting_step_fraction  share of engine steps in which the drafter ran
                         (the break-even guard skips the others; DSpark only)
   model_dtype           what the engine's model ran in (--dtype; the checkpoint's by default)
@@ -131,17 +137,21 @@ async def dspark_counters(engine):
             "drafting_steps": s["drafting_steps"]}
 
 
+NGRAM_COUNTERS = {"rounds": "vllm:spec_decode_num_drafts_total",
+                  "accepted": "vllm:spec_decode_num_accepted_tokens_total",
+                  "steps": "vllm:iteration_tokens_total_count"}  # one observation per engine step
+
+
 async def ngram_counters(engine):
-    """vLLM's own spec-decode counters (drafts and accepted tokens) from the Prometheus registry."""
+    """vLLM's own counters (drafts, accepted tokens, engine steps) from the Prometheus registry."""
     from prometheus_client import REGISTRY
 
     values = {}
     for family in REGISTRY.collect():
         for sample in family.samples:
-            if sample.name in ("vllm:spec_decode_num_drafts_total", "vllm:spec_decode_num_accepted_tokens_total"):
+            if sample.name in NGRAM_COUNTERS.values():
                 values[sample.name] = values.get(sample.name, 0.0) + sample.value
-    return {"rounds": values.get("vllm:spec_decode_num_drafts_total", 0.0),
-            "accepted": values.get("vllm:spec_decode_num_accepted_tokens_total", 0.0)}
+    return {key: values.get(name, 0.0) for key, name in NGRAM_COUNTERS.items()}
 
 
 async def bench_engine(args, name, prompts, levels):
@@ -180,6 +190,8 @@ async def bench_engine(args, name, prompts, levels):
                    "passes": passes, "requests": passes * len(got), "tokens": tokens,
                    "model_dtype": str(engine.model_config.dtype).removeprefix("torch."),
                    "tau": 1 + delta["accepted"] / delta["rounds"] if delta["rounds"] else None}
+            if delta.get("steps"):  # plain decoding runs without vLLM's stats: none
+                row["tokens_per_step"] = tokens / delta["steps"]
             if cold is not None:
                 row["cold_output_tokens_per_s"] = sum(len(t) for t in cold[0].values()) / cold[1]
             if is_dspark:
@@ -351,6 +363,10 @@ def main(argv=None):
         for name in names:
             rows = {r["concurrency"]: r for r in results if r["engine"] == name}
             print(f"{name:16s}" + "".join(f"  {rows[c]['cold_ratio_to_plain']:5.2f}x{'':11s}" for c in levels))
+    print("output tokens per engine step (median round; at c > 1 the batch's):")
+    for name in names[1:]:
+        rows = {r["concurrency"]: r for r in results if r["engine"] == name}
+        print(f"{name:16s}" + "".join(f"  {rows[c].get('tokens_per_step') or float('nan'):6.2f}{'':10s}" for c in levels))
     print(f"wrote {args.json}; greedy outputs identical to plain: {out['greedy_outputs_identical']}")
 
 

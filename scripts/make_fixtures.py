@@ -1,16 +1,33 @@
-"""Build the tiny offline test models: DIR/target (Qwen3) and DIR/dspark (drafter).
+"""Build tiny offline models with random weights: DIR/target (Qwen3) and DIR/dspark (drafter).
 
-    python scripts/make_fixtures.py --out DIR
+    python scripts/make_fixtures.py --out DIR [--vocab-size 512] [--hidden-size 128 --num-layers 4]
+        [--draft-layers 2 --markov-rank 16 --target-layer-ids 0,1,2] [--dtype float32]
+
+The tests' models by default. With larger sizes they measure what a step costs at
+another model size (no tau: the drafter is random; README, "Would a larger target help?").
 """
 
 import argparse
 import json
 
+import torch
+
 from dspark_vllm.fixtures import make_fixtures
 
 if __name__ == "__main__":
-    ap = argparse.ArgumentParser(description=__doc__)
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--out", required=True, help="output folder")
     ap.add_argument("--vocab-size", type=int, default=512)
+    ap.add_argument("--hidden-size", type=int, default=128, help="the target's (and so the drafter's)")
+    ap.add_argument("--num-layers", type=int, default=4, help="the target's")
+    ap.add_argument("--draft-layers", type=int, default=2)
+    ap.add_argument("--markov-rank", type=int, default=16)
+    ap.add_argument("--target-layer-ids", default=None, help="comma-separated (default: all but the last)")
+    ap.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"], help="of both checkpoints")
     args = ap.parse_args()
-    print(json.dumps(make_fixtures(args.out, vocab_size=args.vocab_size), indent=2))
+    draft_kw = {"num_layers": args.draft_layers, "markov_rank": args.markov_rank}
+    if args.target_layer_ids:
+        draft_kw["target_layer_ids"] = [int(x) for x in args.target_layer_ids.split(",")]
+    dtype = None if args.dtype == "float32" else getattr(torch, args.dtype)
+    print(json.dumps(make_fixtures(args.out, draft_kw=draft_kw, dtype=dtype, vocab_size=args.vocab_size,
+                                   hidden_size=args.hidden_size, num_layers=args.num_layers), indent=2))

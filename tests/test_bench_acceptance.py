@@ -85,6 +85,13 @@ def test_bench_speed(fixture_paths, tmp_path):
         else:
             assert x["answers_differing"] <= 1, x
     assert rows[("plain", 1)]["tau"] is None and rows[("ngram", 1)]["tau"] >= 1.0
+    # Tokens per engine step count every step, tau only the steps that speculated (and, one
+    # request at a time, a step emits 1 + its accepted drafts): 1 <= tokens_per_step <= tau.
+    assert "tokens_per_step" not in rows[("plain", 1)]
+    for name in ("dspark-fixed", "dspark-sync", "ngram"):
+        x = rows[(name, 1)]
+        assert 1.0 <= x["tokens_per_step"] <= x["tau"] + 1e-9, x
+        assert rows[(name, 4)]["tokens_per_step"] >= 1.0
     # The random drafter does not pay on the steep example curve: the guard skips most drafting.
     for c in (1, 4):
         assert 0.0 < rows[("dspark-sync", c)]["drafting_step_fraction"] < 0.5

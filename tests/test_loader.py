@@ -161,3 +161,19 @@ def test_one_rule_for_target_layer_ids_in_serving_and_training():
     for bad in ([0, 3], [2, 1], [-2, 0]):
         with pytest.raises(DSparkConfigError, match="target_layer_ids"):
             check_target_layer_ids(bad, 4)
+
+
+def test_sized_fixtures_load_in_their_dtype(tmp_path):
+    """scripts/make_fixtures.py's sizes (the README's per-step cost at larger models): a
+    bf16 target and a one-layer drafter of the asked shape that the loader accepts as is."""
+    from dspark_vllm.fixtures import make_fixtures
+
+    paths = make_fixtures(tmp_path, draft_kw={"num_layers": 1, "markov_rank": 8, "target_layer_ids": [0, 1]},
+                          dtype=torch.bfloat16, vocab_size=300, hidden_size=64, num_layers=3)
+    target = TargetInfo.from_hf_config(AutoConfig.from_pretrained(paths["target"]))
+    assert target.hidden_size == 64 and target.num_hidden_layers == 3
+    assert {t.dtype for t in load_file(f"{paths['target']}/model.safetensors").values()} == {torch.bfloat16}
+    cfg = validate_checkpoint(paths["dspark"], target, 7)
+    assert (cfg.num_hidden_layers, cfg.markov_rank, list(cfg.target_layer_ids), cfg.block_size) == (1, 8, [0, 1], 7)
+    assert {t.dtype for t in load_file(f"{paths['dspark']}/model.safetensors").values()} == {torch.bfloat16}
+    assert load_draft_model(paths["dspark"], torch.bfloat16, torch.device("cpu")).fc.weight.dtype == torch.bfloat16
