@@ -146,7 +146,7 @@ def test_markov_head_inference_form_follows_weight_updates(head_type):
     for _ in range(2):
         with torch.no_grad():
             bias, expect_state = head.step(prev, hidden, state)
-            got, got_state = head.adder(logits.dtype)(logits, prev, hidden, state)
+            got, got_state = head.adder(logits.dtype)(logits.clone(), prev, hidden, state)  # adds in place
             torch.testing.assert_close(got, logits + bias.float(), atol=2e-2, rtol=1e-2)  # bf16 bias rounding
             if state is not None:
                 torch.testing.assert_close(got_state, expect_state)

@@ -132,15 +132,17 @@ class MarkovHead(nn.Module):
 
     def adder(self, dtype: torch.dtype):
         """Inference's form of `logits + step(...)` for logits of `dtype` (float32): one
-        addmm in that dtype, W2 cast once per weight version. Fewer, cheaper ops than a
-        model-dtype GEMM and a mixed-dtype add, in the sequential loop that runs every
-        drafting round; the round binds it (and so looks the casts up) once, before its
-        loop over the block's slots. Returns add(logits, prev_tokens, hidden, state)."""
+        addmm in that dtype into `logits` itself (the round's own buffer: no copy of a
+        [B, V] row block per slot), W2 cast once per weight version. Fewer, cheaper ops
+        than a model-dtype GEMM and a mixed-dtype add, in the sequential loop that runs
+        every drafting round; the round binds it (and so looks the casts up) once, before
+        its loop over the block's slots. Returns add(logits, prev_tokens, hidden, state),
+        which updates logits in place and returns it."""
         w2t = self._cast("markov_w2", dtype, True)
 
         def add(logits, prev_tokens, hidden, state):
             x, state = self.low_rank(prev_tokens, hidden, state)
-            return torch.addmm(logits, x.to(dtype), w2t), state
+            return logits.addmm_(x.to(dtype), w2t), state
 
         return add
 
@@ -174,8 +176,7 @@ class VanillaMarkovHead(MarkovHead):
         """MarkovHead.adder with W1 rows read from a copy in the logits' dtype (the
         same values: bfloat16 and float16 widen to float32 exactly), one op fewer per slot."""
         w1, w2t = self._cast("markov_w1", dtype), self._cast("markov_w2", dtype, True)
-        return lambda logits, prev_tokens, hidden, state: (torch.addmm(logits, w1.index_select(0, prev_tokens), w2t),
-                                                          state)
+        return lambda logits, prev_tokens, hidden, state: (logits.addmm_(w1.index_select(0, prev_tokens), w2t), state)
 
 
 class RNNMarkovHead(MarkovHead):
