@@ -58,8 +58,10 @@ def train_tokenizer(out: Path, vocab_size: int, files: list[Path]):
 
 
 def make_target(out: str | Path, vocab_size: int = 512, hidden_size: int = 128, num_layers: int = 4,
-                logit_scale: float = 20.0, seed: int = 0, files: list[Path] | None = None):
-    """A tiny Qwen3 target with a locally trained tokenizer, saved to `out`.
+                logit_scale: float = 20.0, seed: int = 0, files: list[Path] | None = None,
+                dtype: torch.dtype | None = None):
+    """A tiny Qwen3 target with a locally trained tokenizer, saved to `out` (in `dtype`;
+    None: float32).
 
     `logit_scale` multiplies the random LM head so that the next-token
     distribution is peaked rather than near-uniform, like a real model's.
@@ -81,6 +83,9 @@ def make_target(out: str | Path, vocab_size: int = 512, hidden_size: int = 128, 
     model = Qwen3ForCausalLM(cfg)
     with torch.no_grad():
         model.lm_head.weight.mul_(logit_scale)
+    if dtype is not None:
+        model = model.to(dtype)
+        model.config.dtype = dtype
     model.save_pretrained(out, safe_serialization=True)
     return model, tok
 
@@ -95,10 +100,14 @@ def init_draft_from_target(cfg: DSparkConfig, target_model, seed: int = 0, std: 
     return draft
 
 
-def make_draft(out: str | Path, target_model, **kw) -> DSparkDraftModel:
+def make_draft(out: str | Path, target_model, dtype: torch.dtype | None = None, **kw) -> DSparkDraftModel:
+    """A random drafter for `target_model` (draft_config_for's options), saved to `out` in
+    `dtype` (None: float32)."""
     seed = kw.pop("seed", 0)
     cfg = draft_config_for(target_model.config, **kw)
     draft = init_draft_from_target(cfg, target_model, seed=seed)
+    if dtype is not None:
+        draft = draft.to(dtype)
     save_checkpoint(draft, out)
     return draft
 
@@ -108,13 +117,7 @@ def make_fixtures(out: str | Path, draft_kw: dict | None = None, dtype: torch.dt
     """A random target (make_target's options) and a random drafter for it (draft_config_for's
     options; block 7 unless given), both saved in `dtype` (None: float32)."""
     out = Path(out)
-    target, tok = make_target(out / "target", **target_kw)
-    if dtype is not None:
-        target = target.to(dtype)
-        target.config.dtype = dtype
-        target.save_pretrained(out / "target", safe_serialization=True)
+    target, tok = make_target(out / "target", dtype=dtype, **target_kw)
     draft_kw = {"block_size": 7, **(draft_kw or {})}
-    draft = make_draft(out / "dspark", target, mask_token_id=tok.convert_tokens_to_ids("<|mask|>"), **draft_kw)
-    if dtype is not None:
-        save_checkpoint(draft.to(dtype), out / "dspark")
+    make_draft(out / "dspark", target, dtype=dtype, mask_token_id=tok.convert_tokens_to_ids("<|mask|>"), **draft_kw)
     return {"target": str(out / "target"), "dspark": str(out / "dspark")}

@@ -17,17 +17,18 @@ from dspark_vllm.fixtures import make_fixtures
 if __name__ == "__main__":
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--out", required=True, help="output folder")
+    # Unset options keep make_target's / draft_config_for's defaults (the tests' models).
     ap.add_argument("--vocab-size", type=int, default=512)
-    ap.add_argument("--hidden-size", type=int, default=128, help="the target's (and so the drafter's)")
-    ap.add_argument("--num-layers", type=int, default=4, help="the target's")
-    ap.add_argument("--draft-layers", type=int, default=2)
-    ap.add_argument("--markov-rank", type=int, default=16)
-    ap.add_argument("--target-layer-ids", default=None, help="comma-separated (default: all but the last)")
+    ap.add_argument("--hidden-size", type=int, help="the target's (and so the drafter's); default 128")
+    ap.add_argument("--num-layers", type=int, help="the target's; default 4")
+    ap.add_argument("--draft-layers", type=int, help="default 2")
+    ap.add_argument("--markov-rank", type=int, help="default 16")
+    ap.add_argument("--target-layer-ids", help="comma-separated; default: all but the last")
     ap.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"], help="of both checkpoints")
     args = ap.parse_args()
-    draft_kw = {"num_layers": args.draft_layers, "markov_rank": args.markov_rank}
-    if args.target_layer_ids:
-        draft_kw["target_layer_ids"] = [int(x) for x in args.target_layer_ids.split(",")]
+    given = lambda **kw: {k: v for k, v in kw.items() if v is not None}  # noqa: E731
+    draft_kw = given(num_layers=args.draft_layers, markov_rank=args.markov_rank,
+                     target_layer_ids=args.target_layer_ids and [int(x) for x in args.target_layer_ids.split(",")])
+    target_kw = given(vocab_size=args.vocab_size, hidden_size=args.hidden_size, num_layers=args.num_layers)
     dtype = None if args.dtype == "float32" else getattr(torch, args.dtype)
-    print(json.dumps(make_fixtures(args.out, draft_kw=draft_kw, dtype=dtype, vocab_size=args.vocab_size,
-                                   hidden_size=args.hidden_size, num_layers=args.num_layers), indent=2))
+    print(json.dumps(make_fixtures(args.out, draft_kw=draft_kw, dtype=dtype, **target_kw), indent=2))
