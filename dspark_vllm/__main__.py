@@ -30,6 +30,9 @@ def main(argv=None) -> int:
                    help="draft in every step, even where the cost model expects plain decoding to be faster")
     f.add_argument("--draft-dtype", default=None, choices=["auto", "model", "float32"],
                    help="the drafter's dtype (default auto: float32 on CPUs without native bf16 GEMMs)")
+    f.add_argument("--prompt-lookup", action="store_true",
+                   help="prompt lookup beside the drafter: greedy requests may verify the n-gram continuation "
+                        "of their own text where it agrees with the drafter's first token and runs longer")
     sub.add_parser("demo-paths", help="print the default model pair's paths as JSON")
     args = ap.parse_args(argv)
     if args.cmd == "demo-paths":
@@ -45,6 +48,8 @@ def main(argv=None) -> int:
                if v is not None}
     if args.no_break_even:
         options["break_even"] = False
+    if args.prompt_lookup:
+        options["prompt_lookup"] = {}
     try:
         flags = serve_flags(args.draft, num_speculative_tokens=args.num_speculative_tokens,
                             verification=args.verification, **options)

@@ -48,6 +48,25 @@ class RefinementOptions(BaseModel):
         return self
 
 
+class PromptLookupOptions(BaseModel):
+    """Prompt lookup beside the drafter (dspark_vllm/lookup.py); `{}` takes the defaults,
+    those of the bench's `ngram` peer."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    min_n: int = Field(2, ge=1)  # shortest n-gram that may match
+    max_n: int = Field(4, ge=1)  # longest n-gram tried (the longest match wins)
+    # Take lookup's block only where the drafter's calibrated confidence at the first slot
+    # where the two differ is below this (1.0: wherever the rule allows; needs a confidence head).
+    max_confidence: float = Field(0.9, gt=0.0, le=1.0)
+
+    @model_validator(mode="after")
+    def _range(self):
+        if self.max_n < self.min_n:
+            raise ValueError(f"prompt_lookup.max_n={self.max_n} must be >= prompt_lookup.min_n={self.min_n}")
+        return self
+
+
 class DSparkOptions(BaseModel):
     """Everything the plugin reads from `additional_config["dspark"]`."""
 
@@ -78,6 +97,10 @@ class DSparkOptions(BaseModel):
     # (no AVX512-BF16 or AMX: there torch emulates a bf16 GEMM, about 6x the float32
     # one at a drafting round's 8 rows), else the model dtype.
     draft_dtype: Literal["auto", "model", "float32"] = "auto"
+    # Prompt lookup beside the drafter (None: off): a greedy request takes the block that
+    # the n-gram lookup of its own text proposes where that agrees with the drafter's
+    # first token and runs longer (dspark_vllm/lookup.py).
+    prompt_lookup: PromptLookupOptions | None = None
 
 
 def options_from_additional_config(additional_config: dict | None) -> DSparkOptions:

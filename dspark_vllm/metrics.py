@@ -30,7 +30,8 @@ So `predicted / verified` vs `accepted / verified` compares the confidence
 head's promise with what happened (a running calibration error is their gap).
 Per step: whether the drafter ran (the break-even guard may skip it), the
 verification budget (draft tokens verified), the measured step time and the
-step time the engine cost model predicted.
+step time the engine cost model predicted. With prompt lookup on, how many
+drafting requests verified lookup's block instead of the drafter's.
 """
 
 from __future__ import annotations
@@ -42,11 +43,11 @@ from .config import POLICIES
 BUDGET_BUCKETS = (0, 1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024)
 _HEADER = ("num_positions", "policy")
 _SCALARS = ("steps", "drafting_steps", "budget_sum", "step_time_sum", "profiled_step_time_sum",
-            "profiled_steps", "refits", "live_ece")
+            "profiled_steps", "refits", "lookup_blocks", "live_ece")
 _PER_POSITION = ("drafted", "verified", "accepted", "predicted", "temperature")
 # Fields that only grow: reports carry their increments. The others are gauges.
 COUNTERS = ("steps", "drafting_steps", "budget_sum", "step_time_sum", "profiled_step_time_sum",
-            "profiled_steps", "refits", "drafted", "verified", "accepted", "predicted")
+            "profiled_steps", "refits", "lookup_blocks", "drafted", "verified", "accepted", "predicted")
 
 
 def _layout(num_positions: int) -> dict[str, slice]:
@@ -107,6 +108,10 @@ class EngineStats:
         self.accepted += accepted
         if predicted is not None:
             self.predicted += predicted
+
+    def record_lookup(self, num_rows: int) -> None:
+        """Drafting requests of one round that verify prompt lookup's block (lookup.py)."""
+        self.lookup_blocks[0] += num_rows
 
     def record_calibration(self, temperatures: np.ndarray, live_ece: float, refits: int) -> None:
         """The confidence temperatures in use and the calibration seen on served traffic."""
@@ -216,6 +221,8 @@ _SCALAR_COUNTERS = {
     "profiled_step_time_sum": ("vllm:dspark_profiled_step_time_seconds",
                                "Step time the engine cost model predicted for the same steps"),
     "refits": ("vllm:dspark_calibration_refits", "Online STS re-fits so far"),
+    "lookup_blocks": ("vllm:dspark_prompt_lookup_blocks",
+                      "Drafting requests whose round verified prompt lookup's block instead of the drafter's"),
 }
 _GAUGES = {
     "calibration_error": ("vllm:dspark_calibration_error",

@@ -33,6 +33,7 @@ from . import sps as sps_profile
 from .calibration import ConfidenceMap, calibrated_logits, load_calibration, scaled_maps
 from .config import DSparkOptions, PROPOSER_PATH, options_from_additional_config
 from .guard import BreakEvenGuard
+from .lookup import LookupChoice, choose
 from .metrics import DSparkPrometheus, EngineStats, StatsReport
 from .model.checkpoint import TargetInfo, load_draft_model, validate_checkpoint
 from .model.config import DSparkConfig, DSparkConfigError
@@ -393,9 +394,10 @@ class DraftRound:
     req_ids: list[str]
     anchors: list[int]  # [R]
     anchor_positions: np.ndarray  # [R]
-    tokens: torch.Tensor  # [R, K]
+    tokens: torch.Tensor  # [R, K] the drafter's (a row in `took_lookup` verifies lookup's instead)
     survival: np.ndarray | None  # [R, K] calibrated a_k (float64)
     confidence_logits: torch.Tensor | None  # [R, K]
+    took_lookup: np.ndarray | None = None  # [R] bool: the row took prompt lookup's block (lookup.py)
 
 
 def round_rows(round_req_ids: list[str] | None, req_ids: list[str]) -> np.ndarray:
@@ -656,6 +658,8 @@ class DSparkProposer:
         self.stats.record_verification(verified_mask.sum(0), (accepted[:, None] > positions).sum(0), predicted)
         if self.online is not None and self.round is not None:
             mine = (rows >= 0) & (nd > 0)
+            if self.round.took_lookup is not None:  # lookup's accepted counts say nothing of the head
+                mine &= ~self.round.took_lookup[rows]
             logits = self.round.confidence_logits.float().cpu().numpy()[rows[mine]]
             if self.offline_maps is not None:  # refinement scales the offline map's logits
                 logits = calibrated_logits(logits, **self.offline_maps)
@@ -874,6 +878,7 @@ class DSparkRunnerMixin:
         self._dspark_unsettled: FinishedStep | None = None  # the last step, until the next one starts
         self._dspark_attn = None  # (kv cache group, metadata builder) of the draft layers
         self.speculative_steps = 0  # steps that took vLLM's speculative path (for dspark_info)
+        self._dspark_lookup = None  # prompt lookup's output buffers (proposals, lengths), one row per batch row
         self._dspark_restore_logits_processors()
 
     def _prepare_inputs(self, scheduler_output, *args, **kwargs):
@@ -1060,18 +1065,56 @@ class DSparkRunnerMixin:
             host = torch.cat([out.tokens.double(), confidences.double()], dim=1).cpu()
             tokens_h, confidences_h = host[:, :K].long(), host[:, K:]
         lengths = drafter.verify_lengths(confidences_h, len(rows), other_tokens)
+        choice = None
+        if drafter.options.prompt_lookup is not None:
+            choice = self._dspark_prompt_lookup(rows, tokens_h.numpy(), confidences_h, sampling,
+                                                sampling_metadata.all_greedy)
+        if choice is not None:
+            tokens_h = torch.from_numpy(choice.tokens)
+            lengths = torch.minimum(lengths, torch.from_numpy(choice.max_lengths))
+            drafter.stats.record_lookup(int(choice.took.sum()))
 
         # 4. Hand over: token lists to the scheduler, q rows on vLLM's draft-probs route.
         tokens = tokens_h.tolist()
         for j, (i, L) in enumerate(zip(rows, lengths.tolist())):
             drafts[i] = tokens[j][:L]
         survival = None if confidences_h is None else confidences_h.numpy().cumprod(-1)
-        drafter.round = DraftRound(round_ids, anchors, anchor_pos, out.tokens, survival, out.confidence_logits)
+        drafter.round = DraftRound(round_ids, anchors, anchor_pos, out.tokens, survival, out.confidence_logits,
+                                   None if choice is None else choice.took)
         drafter.recent_rounds.append(drafter.round)
         if out.probs is not None:
             self._draft_probs, self._draft_prob_req_ids = out.probs, round_ids
         self._dspark_end_step(n, len(rows), int(lengths.sum()), time.perf_counter() - started, len(rows), other_tokens)
         return drafts
+
+    def _dspark_prompt_lookup(self, rows: list[int], drafts: np.ndarray, confidences: torch.Tensor | None,
+                              sampling, all_greedy: bool) -> LookupChoice | None:
+        """Prompt lookup on the drafting requests' committed tokens (vLLM's n-gram search,
+        batched, on the host arrays vLLM keeps anyway), and the choice per request between
+        its block and the drafter's (lookup.py). None: no n-gram matched, the drafter's
+        blocks stand."""
+        from numba import get_num_threads, set_num_threads
+        from vllm.v1.spec_decode.ngram_proposer import batch_propose_numba
+
+        options, batch = self.drafter.options.prompt_lookup, self.input_batch
+        K = drafts.shape[1]
+        if self._dspark_lookup is None:
+            n = batch.token_ids_cpu.shape[0]
+            self._dspark_lookup = np.zeros((n, K), dtype=np.int32), np.zeros(n, dtype=np.int32)
+        found, lengths = self._dspark_lookup
+        threads = get_num_threads()
+        set_num_threads(1)  # a few microseconds a request: threads would cost more than they save
+        try:
+            batch_propose_numba(rows, batch.num_tokens_no_spec, batch.token_ids_cpu, options.min_n, options.max_n,
+                                self.max_model_len, K, found, lengths)
+        finally:
+            set_num_threads(threads)
+        lengths = lengths[rows]
+        if not lengths.any():
+            return None
+        eligible = np.ones(len(rows), dtype=bool) if all_greedy else sampling.is_greedy.cpu().numpy()
+        return choose(drafts, found[rows], lengths, eligible,
+                      None if confidences is None else confidences.numpy(), options.max_confidence)
 
     def _dspark_draft(self, block_table, block_size: int, anchors, anchor_pos: np.ndarray, sampling, generators,
                       sampled: bool | None = None):
@@ -1446,6 +1489,10 @@ class DSparkWorkerMixin:
     def compile_or_warm_up_model(self):
         times = super().compile_or_warm_up_model()
         self.model_runner.dspark_load_or_measure_profile()
+        drafter = self.model_runner.drafter
+        if drafter.options.prompt_lookup is not None:  # numba compiles the n-gram search now (about 1 s)
+            self.model_runner._dspark_prompt_lookup([0], np.zeros((1, drafter.num_tokens), np.int64), None, None,
+                                                    True)
         return times
 
     def dspark_last_round(self) -> dict:

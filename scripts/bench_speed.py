@@ -7,7 +7,8 @@ policy, and vLLM's built-in n-gram speculation, on the same prompts and engine s
         [--repeats 3] [--min-seconds 4] [--draft-dtype auto] [--enforce-eager]
 
 One engine (AsyncLLM, in this process) per row: `plain`, `dspark-<policy>` and
-`ngram`. At concurrency c, c clients take the prompts from one queue, one
+`ngram`. A policy written `<policy>+lookup` (e.g. `fixed+lookup`) runs with prompt
+lookup beside the drafter (`prompt_lookup`, dspark_vllm/lookup.py). At concurrency c, c clients take the prompts from one queue, one
 request at a time, until every prompt was answered (so each level does the
 same work; c=1 is requests one by one, c=64 about one batch).
 
@@ -165,7 +166,10 @@ async def bench_engine(args, name, prompts, levels):
         options = {k: v for k, v in (("calibration", args.calibration), ("sps_profile", args.sps_profile))
                    if v is not None}
         options["draft_dtype"] = args.draft_dtype
-        kwargs = dspark_vllm.engine_kwargs(args.draft, verification=name.removeprefix("dspark-"), **options)
+        policy = name.removeprefix("dspark-")
+        if policy.endswith("+lookup"):
+            policy, options["prompt_lookup"] = policy.removesuffix("+lookup"), {}
+        kwargs = dspark_vllm.engine_kwargs(args.draft, verification=policy, **options)
     elif name == "ngram":
         kwargs = {"speculative_config": dict(NGRAM)}
     engine = AsyncLLM.from_engine_args(AsyncEngineArgs(

@@ -3,6 +3,7 @@
 
     python scripts/replay_drafts.py --target T --draft D --prompts P.jsonl --json OUT.json
         [--num-prompts 64] [--max-tokens 128] [--raw] [--ngram-min 2] [--ngram-max 4]
+        [--calibration CAL.json] [--lookup-max-confidence 0.9]
 
 No engine and no timing: the target (Hugging Face, float32) writes each greedy
 answer; the drafter drafts at every anchor of it (the dense reference
@@ -13,8 +14,10 @@ draft's longest prefix that matches the answer, plus one token. Reported:
 
   tokens_per_step      per source: the DSpark drafts, prompt lookup (1 token where
                        it finds no match), the better of the two every step (an
-                       oracle), and prompt lookup only where its first token
-                       agrees with the drafter's (a rule that needs no look-ahead)
+                       oracle), and `dspark_with_lookup`: the choice serving makes
+                       with the `prompt_lookup` option (dspark_vllm/lookup.py, a
+                       rule that needs no look-ahead; it reads the drafter's
+                       confidences, calibrated by --calibration as in serving)
   ngram_match_rate     share of anchors where prompt lookup proposes anything
   per_request          DSpark's tokens per step of each answer (min, quartiles,
                        max) and the steps each needs: in a batch nobody refills,
@@ -41,6 +44,9 @@ def parse_args(argv=None):
                                                 formatter_class=argparse.RawDescriptionHelpFormatter))
     ap.add_argument("--ngram-min", type=int, default=2)
     ap.add_argument("--ngram-max", type=int, default=4)
+    ap.add_argument("--calibration", default=None, help="STS calibration JSON of the confidences")
+    ap.add_argument("--lookup-max-confidence", type=float, default=None,
+                    help="prompt_lookup.max_confidence (default: the option's default)")
     return ap.parse_args(argv)
 
 
@@ -75,6 +81,9 @@ def main(argv=None):
     args = parse_args(argv)
     from transformers import AutoModelForCausalLM
 
+    from dspark_vllm.calibration import calibrated_logits, load_calibration
+    from dspark_vllm.config import PromptLookupOptions
+    from dspark_vllm.lookup import choose
     from dspark_vllm.model.checkpoint import load_draft_model
     from dspark_vllm.proposer import draft_rounds
     from dspark_vllm.training.target import target_features
@@ -83,7 +92,10 @@ def main(argv=None):
     target = AutoModelForCausalLM.from_pretrained(args.target, dtype=torch.float32)
     model = load_draft_model(args.draft, torch.float32)
     K = model.config.block_size
-    sources = ("dspark", "ngram", "oracle", "ngram_if_first_agrees")
+    maps = load_calibration(args.calibration, K).maps if args.calibration else None
+    options = PromptLookupOptions(**({} if args.lookup_max_confidence is None
+                                     else {"max_confidence": args.lookup_max_confidence}))
+    sources = ("dspark", "ngram", "oracle", "dspark_with_lookup")
     accepted = {s: [] for s in sources}
     matches = anchors_seen = 0
     for prompt in prompts:
@@ -94,17 +106,27 @@ def main(argv=None):
         features, _ = target_features(target, full[None], model.config.target_layer_ids)
         P, tokens = len(prompt), full.numpy()
         anchors = torch.arange(P - 1, len(tokens) - 1)
-        drafts = draft_rounds(model, features[0], full, anchors, num_tokens=K).tokens.numpy()
+        rounds = draft_rounds(model, features[0], full, anchors, num_tokens=K)
+        drafts, confidences = rounds.tokens.numpy(), None
+        if rounds.confidence_logits is not None:  # as serving's calibrated_confidences
+            logits = rounds.confidence_logits.float().numpy()
+            confidences = 1 / (1 + np.exp(-(calibrated_logits(logits, **maps) if maps else logits)))
         rows = {s: [] for s in sources}
+        lookup, lengths = np.zeros_like(drafts), np.zeros(len(anchors), dtype=np.int64)
         for j, a in enumerate(anchors.tolist()):
             truth = tokens[a + 1:a + 1 + K]
             ngram = prompt_lookup(tokens[:a + 1], args.ngram_min, args.ngram_max, K)
+            lookup[j, :len(ngram)], lengths[j] = ngram, len(ngram)
             d, n = matched(drafts[j], truth), matched(ngram, truth)
             matches += len(ngram) > 0
             rows["dspark"].append(d)
             rows["ngram"].append(n)
             rows["oracle"].append(max(d, n))
-            rows["ngram_if_first_agrees"].append(n if len(ngram) and ngram[0] == drafts[j][0] else d)
+        choice = choose(drafts, lookup, lengths, np.ones(len(anchors), dtype=bool), confidences,
+                        options.max_confidence)
+        for j, a in enumerate(anchors.tolist()):
+            taken = choice.tokens[j, :choice.max_lengths[j]]
+            rows["dspark_with_lookup"].append(matched(taken, tokens[a + 1:a + 1 + K]))
         anchors_seen += len(anchors)
         for s in sources:
             accepted[s].append(np.array(rows[s]))
@@ -114,6 +136,7 @@ def main(argv=None):
     steps = walks["dspark"][:, 1]
     out = {"target": args.target, "draft": args.draft, "prompts": args.prompts, "num_prompts": len(prompts),
            "max_tokens": args.max_tokens, "block_size": K, "ngram": [args.ngram_min, args.ngram_max],
+           "calibration": args.calibration, "lookup_max_confidence": options.max_confidence,
            "tokens_per_step": {s: float(w[:, 0].sum() / w[:, 1].sum()) for s, w in walks.items()},
            "ngram_match_rate": matches / anchors_seen,
            "per_request": {"dspark_tokens_per_step": {"min": float(tau.min()),

@@ -51,7 +51,7 @@ def test_replay_drafts_end_to_end(fixture_paths, tmp_path):
     per_step = r["tokens_per_step"]
     assert r["num_prompts"] == 3 and r["block_size"] == 7
     assert all(1.0 <= v <= 8.0 for v in per_step.values())
-    assert per_step["oracle"] >= max(per_step["dspark"], per_step["ngram"], per_step["ngram_if_first_agrees"])
+    assert per_step["oracle"] >= max(per_step["dspark"], per_step["ngram"], per_step["dspark_with_lookup"])
     assert 0.0 <= r["ngram_match_rate"] <= 1.0
     q = r["per_request"]["dspark_tokens_per_step"]
     assert q["min"] <= q["quartiles"][0] <= q["quartiles"][1] <= q["quartiles"][2] <= q["max"]

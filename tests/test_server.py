@@ -44,11 +44,12 @@ def server(fixtures, sps_cache, tmp_path_factory):
 
     The break-even guard is off: these tests need every request to draft (the
     guard skips a random-weight drafter; tests/test_guard.py covers it).
+    Prompt lookup is on, so greedy answers over HTTP also cover its route.
     """
     calibration = tmp_path_factory.mktemp("cal") / "calibration.json"
     calibration.write_text(json.dumps({"version": 1, "block_size": 7, "temperatures": [1.0] * 7}))
     res = _flags(fixtures["dspark"], "--verification", "sync", "--calibration", str(calibration),
-                 "--sps-cache-dir", str(sps_cache), "--no-break-even")
+                 "--sps-cache-dir", str(sps_cache), "--no-break-even", "--prompt-lookup")
     assert res.returncode == 0, res.stderr
     flags = shlex.split(res.stdout)
     port = _free_port()
@@ -199,6 +200,7 @@ def test_dspark_metrics_on_the_metrics_endpoint(server):
     assert drafted > before.get('vllm:dspark_drafted_tokens_total{position="1"}', 0)
     assert drafted >= after['vllm:dspark_verified_tokens_total{position="1"}']
     assert after["vllm:dspark_verification_budget_tokens_count"] > 0
+    assert "vllm:dspark_prompt_lookup_blocks_total" in after  # --prompt-lookup: greedy rows may take it
     # the calibration error is the counters' own gap, |predicted - accepted| / verified
     per_pos = lambda kind: [after[f"vllm:dspark_{kind}_tokens_total{{position=\"{k}\"}}"] for k in range(1, 8)]  # noqa: E731
     gap = sum(abs(p - a) for p, a in zip(per_pos("predicted_accepted"), per_pos("accepted")))

@@ -1,0 +1,63 @@
+"""Prompt lookup beside the drafter: the per-request choice and its options."""
+
+import numpy as np
+import pytest
+
+from dspark_vllm.config import options_from_additional_config
+from dspark_vllm.lookup import choose
+from dspark_vllm.model.config import DSparkConfigError
+
+
+def test_choice_per_request():
+    drafts = np.array([[5, 6, 7, 8],    # lookup agrees on 2 and runs to 4: lookup
+                       [5, 6, 7, 8],    # lookup agrees on all it has: drafter (it runs longer)
+                       [5, 6, 7, 8],    # lookup disagrees at once: drafter
+                       [5, 6, 7, 8],    # no n-gram matched: drafter
+                       [5, 6, 7, 8],    # would take lookup, but samples: drafter
+                       [5, 6, 7, 8]])   # agrees on 1, lookup has 3: lookup, verifies 3
+    lookup = np.array([[5, 6, 1, 2],
+                       [5, 6, 7, 9],    # the 9 is stale (beyond its length 3)
+                       [4, 6, 7, 8],
+                       [5, 6, 7, 8],    # stale: length 0
+                       [5, 1, 2, 3],
+                       [5, 9, 9, 5]])   # the last 5 is stale
+    lengths = np.array([4, 3, 4, 0, 4, 3])
+    eligible = np.array([True, True, True, True, False, True])
+    choice = choose(drafts, lookup, lengths, eligible)
+    assert choice.took.tolist() == [True, False, False, False, False, True]
+    assert choice.tokens[0].tolist() == [5, 6, 1, 2] and choice.tokens[5][:3].tolist() == [5, 9, 9]
+    assert (choice.tokens[1:5] == drafts[1:5]).all()
+    assert choice.max_lengths.tolist() == [4, 4, 4, 4, 4, 3]
+
+
+def test_full_agreement_keeps_the_drafter():
+    """A lookup block equal to the drafter's adds nothing: the drafter's row stays."""
+    drafts = np.array([[1, 2, 3]])
+    choice = choose(drafts, drafts.copy(), np.array([3]), np.array([True]))
+    assert not choice.took[0] and choice.max_lengths[0] == 3
+
+
+@pytest.mark.parametrize("bad,field", [({"min_n": 0}, "prompt_lookup.min_n"),
+                                       ({"min_n": 4, "max_n": 2}, "prompt_lookup.max_n"),
+                                       ({"n": 3}, "prompt_lookup.n"),
+                                       ({"max_confidence": 1.5}, "prompt_lookup.max_confidence")])
+def test_malformed_lookup_options_name_the_field(bad, field):
+    with pytest.raises(DSparkConfigError, match=field.replace(".", r"\.")):
+        options_from_additional_config({"dspark": {"draft_model": "/x", "prompt_lookup": bad}})
+    options = options_from_additional_config({"dspark": {"draft_model": "/x", "prompt_lookup": {}}})
+    lookup = options.prompt_lookup
+    assert (lookup.min_n, lookup.max_n, lookup.max_confidence) == (2, 4, 0.9)
+    assert options_from_additional_config({"dspark": {"draft_model": "/x"}}).prompt_lookup is None
+
+
+def test_confident_drafter_keeps_its_block():
+    """With confidences, lookup is taken only where the drafter's c_k at the first slot
+    where the two differ is below max_confidence."""
+    drafts = np.array([[5, 6, 7], [5, 6, 7]])
+    lookup = np.array([[5, 1, 2], [5, 6, 2]])
+    lengths = np.array([3, 3])
+    confidences = np.array([[0.99, 0.95, 0.5],    # differ at slot 1: c = 0.95, confident
+                            [0.99, 0.95, 0.5]])   # differ at slot 2: c = 0.5, unsure
+    choice = choose(drafts, lookup, lengths, np.array([True, True]), confidences, 0.9)
+    assert choice.took.tolist() == [False, True]
+    assert choose(drafts, lookup, lengths, np.array([True, True]), confidences, 1.0).took.all()
