@@ -20,6 +20,7 @@ from __future__ import annotations
 import functools
 import os
 import platform
+import threading
 import time
 from collections import deque
 from dataclasses import dataclass, replace
@@ -878,7 +879,8 @@ class DSparkRunnerMixin:
         self._dspark_unsettled: FinishedStep | None = None  # the last step, until the next one starts
         self._dspark_attn = None  # (kv cache group, metadata builder) of the draft layers
         self.speculative_steps = 0  # steps that took vLLM's speculative path (for dspark_info)
-        self._dspark_lookup = None  # prompt lookup's output buffers (proposals, lengths), one row per batch row
+        self._dspark_lookup = None  # prompt lookup: (vLLM's n-gram search, proposals, lengths) per batch row
+        self._dspark_lookup_thread = None  # the thread whose numba thread count is set to 1
         self._dspark_restore_logits_processors()
 
     def _prepare_inputs(self, scheduler_output, *args, **kwargs):
@@ -1093,22 +1095,26 @@ class DSparkRunnerMixin:
         batched, on the host arrays vLLM keeps anyway), and the choice per request between
         its block and the drafter's (lookup.py). None: no n-gram matched, the drafter's
         blocks stand."""
-        from numba import get_num_threads, set_num_threads
-        from vllm.v1.spec_decode.ngram_proposer import batch_propose_numba
-
         options, batch = self.drafter.options.prompt_lookup, self.input_batch
         K = drafts.shape[1]
         if self._dspark_lookup is None:
+            # Imported here, after the worker's init: numba in sys.modules while vLLM's CPU
+            # worker rebinds its Triton kernels (a scan of every module) breaks that scan.
+            from vllm.v1.spec_decode.ngram_proposer import batch_propose_numba
+
             n = batch.token_ids_cpu.shape[0]
-            self._dspark_lookup = np.zeros((n, K), dtype=np.int32), np.zeros(n, dtype=np.int32)
-        found, lengths = self._dspark_lookup
-        threads = get_num_threads()
-        set_num_threads(1)  # a few microseconds a request: threads would cost more than they save
-        try:
-            batch_propose_numba(rows, batch.num_tokens_no_spec, batch.token_ids_cpu, options.min_n, options.max_n,
-                                self.max_model_len, K, found, lengths)
-        finally:
-            set_num_threads(threads)
+            self._dspark_lookup = batch_propose_numba, np.zeros((n, K), np.int32), np.zeros(n, np.int32)
+        if self._dspark_lookup_thread != threading.get_ident():
+            # numba's thread count is per thread. One thread: a search costs a few microseconds
+            # a request, and a parallel region would wake threads that torch's kernels use.
+            import numba
+
+            numba.set_num_threads(1)
+            self._dspark_lookup_thread = threading.get_ident()
+        search, found, lengths = self._dspark_lookup
+        rows = np.asarray(rows)  # numba unboxes an array much faster than a list
+        search(rows, batch.num_tokens_no_spec, batch.token_ids_cpu, options.min_n, options.max_n,
+                            self.max_model_len, K, found, lengths)
         lengths = lengths[rows]
         if not lengths.any():
             return None
@@ -1490,9 +1496,11 @@ class DSparkWorkerMixin:
         times = super().compile_or_warm_up_model()
         self.model_runner.dspark_load_or_measure_profile()
         drafter = self.model_runner.drafter
-        if drafter.options.prompt_lookup is not None:  # numba compiles the n-gram search now (about 1 s)
-            self.model_runner._dspark_prompt_lookup([0], np.zeros((1, drafter.num_tokens), np.int64), None, None,
-                                                    True)
+        if drafter.options.prompt_lookup is not None:  # numba compiles now (about 2 s), not in a step
+            K = drafter.num_tokens
+            self.model_runner._dspark_prompt_lookup([0], np.zeros((1, K), np.int64), None, None, True)
+            choose(np.zeros((1, K), np.int64), np.zeros((1, K), np.int32), np.zeros(1, np.int32),
+                   np.ones(1, bool), np.zeros((1, K)), 1.0)
         return times
 
     def dspark_last_round(self) -> dict:

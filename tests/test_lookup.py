@@ -61,3 +61,32 @@ def test_confident_drafter_keeps_its_block():
     choice = choose(drafts, lookup, lengths, np.array([True, True]), confidences, 0.9)
     assert choice.took.tolist() == [False, True]
     assert choose(drafts, lookup, lengths, np.array([True, True]), confidences, 1.0).took.all()
+
+
+def test_compiled_rule_matches_a_vectorized_statement_of_it():
+    """The loop (numba-compiled where numba exists, and as plain Python) against the
+    rule written as array operations, on random proposals."""
+    from dspark_vllm import lookup
+
+    rng = np.random.default_rng(0)
+    R, K = 400, 7
+    drafts = rng.integers(0, 3, size=(R, K))
+    found = np.where(rng.random((R, K)) < 0.7, drafts, rng.integers(0, 3, size=(R, K)))
+    lengths = rng.integers(0, K + 1, size=R)
+    eligible = rng.random(R) < 0.8
+    confidences = rng.random((R, K))
+    exists = np.arange(K) < lengths[:, None]
+    agree = np.cumprod((found == drafts) & exists, axis=1).sum(axis=1)
+    at_difference = confidences[np.arange(R), np.minimum(agree, K - 1)]
+    expected = eligible & (agree >= 1) & (lengths > agree) & (at_difference < 0.6)
+    assert 20 < expected.sum() < R - 20  # both outcomes well represented
+    choice = choose(drafts, found, lengths, eligible, confidences, 0.6)
+    assert (choice.took == expected).all()
+    assert (choice.max_lengths == np.where(expected, lengths, K)).all()
+    for r in range(R):
+        n = choice.max_lengths[r]
+        assert (choice.tokens[r, :n] == (found if expected[r] else drafts)[r, :n]).all()
+    python_rows = lookup._choose_rows  # the uncompiled loop
+    tokens, max_lengths, took = np.empty_like(drafts), np.empty(R, dtype=np.int64), np.empty(R, dtype=bool)
+    python_rows(drafts, found, lengths, eligible, confidences, 0.6, tokens, max_lengths, took)
+    assert (took == expected).all() and (max_lengths == choice.max_lengths).all()
