@@ -59,21 +59,30 @@ def test_variants_are_the_papers_ablations(pair):
     assert {c.num_hidden_layers for c in (rnn, dspark15, dflash15, vanilla)} == {1}
 
 
-@pytest.mark.slow
-def test_dspark_is_exact_and_accepts_drafts_on_held_out_code(pair):
-    import dspark_vllm
+def held_out_answers(pair, num_prompts: int, max_tokens: int):
+    """The first held-out prompts, greedy parameters, float32 engine settings, and plain
+    decoding's answers."""
     from transformers import AutoTokenizer
     from vllm import LLM, SamplingParams
 
     from dspark_vllm.prompts import load_turns, prompt_token_ids
 
     tok = AutoTokenizer.from_pretrained(pair["target"])
-    prompts = [prompt_token_ids(tok, t, raw=True) for t in load_turns(pair["prompts"], 6)]
-    params = SamplingParams(temperature=0.0, max_tokens=48, ignore_eos=True)
+    prompts = [prompt_token_ids(tok, t, raw=True) for t in load_turns(pair["prompts"], num_prompts)]
+    params = SamplingParams(temperature=0.0, max_tokens=max_tokens, ignore_eos=True)
     common = dict(max_model_len=1024, enforce_eager=True, dtype="float32", seed=0)
     plain = LLM(model=pair["target"], **common)
     expected = generate_ids(plain, prompts, params)
     del plain
+    return prompts, params, common, expected
+
+
+@pytest.mark.slow
+def test_dspark_is_exact_and_accepts_drafts_on_held_out_code(pair):
+    import dspark_vllm
+    from vllm import LLM
+
+    prompts, params, common, expected = held_out_answers(pair, 6, 48)
     # fixed: tau measures the drafter alone, whatever the cost curve of the machine.
     kwargs = dspark_vllm.engine_kwargs(pair["dspark"], verification="fixed", calibration=pair["calibration"])
     llm = LLM(model=pair["target"], **kwargs, **common)
@@ -119,18 +128,9 @@ def test_prompt_lookup_is_exact_and_emits_more_per_step(pair):
     alone on the same prompts (offline, scripts/replay_drafts.py predicts 4.41 against
     4.18 on these 16; dspark_vllm/lookup.py). Sampled requests never take it."""
     import dspark_vllm
-    from transformers import AutoTokenizer
     from vllm import LLM, SamplingParams
 
-    from dspark_vllm.prompts import load_turns, prompt_token_ids
-
-    tok = AutoTokenizer.from_pretrained(pair["target"])
-    prompts = [prompt_token_ids(tok, t, raw=True) for t in load_turns(pair["prompts"], 16)]
-    params = SamplingParams(temperature=0.0, max_tokens=128, ignore_eos=True)
-    common = dict(max_model_len=1024, enforce_eager=True, dtype="float32", seed=0)
-    plain = LLM(model=pair["target"], **common)
-    expected = generate_ids(plain, prompts, params)
-    del plain
+    prompts, params, common, expected = held_out_answers(pair, 16, 128)
     per_step, lookup_blocks = {}, {}
     for lookup in (None, {}):
         kwargs = dspark_vllm.engine_kwargs(pair["dspark"], verification="fixed", calibration=pair["calibration"],
