@@ -34,9 +34,8 @@ the confidences leaves those rows out (their accepted counts are lookup's).
 
 Why it stays lossless: the choice looks at the request's committed tokens, the
 two proposals and the drafter's confidences only, never at the target's verdict
-on this round, and
-verification judges lookup's tokens exactly as it judges the drafter's (greedy:
-each must equal the target's argmax).
+on this round, and verification judges lookup's tokens exactly as it judges the
+drafter's (greedy: each must equal the target's argmax).
 """
 
 from __future__ import annotations
@@ -87,8 +86,9 @@ def choose(drafts: np.ndarray, lookup: np.ndarray, lookup_lengths: np.ndarray, e
     if confidences is None:
         confidences = np.zeros((R, K))  # below any max_confidence (> 0)
     tokens, max_lengths, took = np.empty_like(drafts), np.empty(R, dtype=np.int64), np.empty(R, dtype=bool)
-    _compiled_choose_rows()(drafts, lookup, lookup_lengths, eligible, confidences, float(max_confidence),
-                 tokens, max_lengths, took)
+    choose_rows = _compiled_choose_rows()
+    choose_rows(drafts, lookup, lookup_lengths, eligible, confidences, float(max_confidence),
+                tokens, max_lengths, took)
     return LookupChoice(tokens, max_lengths, took)
 
 

@@ -1114,13 +1114,14 @@ class DSparkRunnerMixin:
         search, found, lengths = self._dspark_lookup
         rows = np.asarray(rows)  # numba unboxes an array much faster than a list
         search(rows, batch.num_tokens_no_spec, batch.token_ids_cpu, options.min_n, options.max_n,
-                            self.max_model_len, K, found, lengths)
+               self.max_model_len, K, found, lengths)
         lengths = lengths[rows]
         if not lengths.any():
             return None
         eligible = np.ones(len(rows), dtype=bool) if all_greedy else sampling.is_greedy.cpu().numpy()
-        return choose(drafts, found[rows], lengths, eligible,
-                      None if confidences is None else confidences.numpy(), options.max_confidence)
+        if confidences is not None:  # one layout for numba (a CUDA round's host copy is a slice)
+            confidences = np.ascontiguousarray(confidences.numpy())
+        return choose(drafts, found[rows], lengths, eligible, confidences, options.max_confidence)
 
     def _dspark_draft(self, block_table, block_size: int, anchors, anchor_pos: np.ndarray, sampling, generators,
                       sampled: bool | None = None):

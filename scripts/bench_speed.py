@@ -7,10 +7,11 @@ policy, and vLLM's built-in n-gram speculation, on the same prompts and engine s
         [--repeats 3] [--min-seconds 4] [--draft-dtype auto] [--enforce-eager]
 
 One engine (AsyncLLM, in this process) per row: `plain`, `dspark-<policy>` and
-`ngram`. A policy written `<policy>+lookup` (e.g. `fixed+lookup`) runs with prompt
-lookup beside the drafter (`prompt_lookup`, dspark_vllm/lookup.py). At concurrency c, c clients take the prompts from one queue, one
-request at a time, until every prompt was answered (so each level does the
-same work; c=1 is requests one by one, c=64 about one batch).
+`ngram`. A policy written `<policy>+lookup` (e.g. `fixed+lookup`) runs with
+prompt lookup beside the drafter (`prompt_lookup`, dspark_vllm/lookup.py). At
+concurrency c, c clients take the prompts from one queue, one request at a time,
+until every prompt was answered (so each level does the same work; c=1 is
+requests one by one, c=64 about one batch).
 
 Each level runs once unmeasured on its engine (a warm-up; --no-warmup: none),
 then is measured over passes until they add up to --min-seconds of wall time
