@@ -1123,6 +1123,15 @@ class DSparkRunnerMixin:
             confidences = np.ascontiguousarray(confidences.numpy())
         return choose(drafts, found[rows], lengths, eligible, confidences, options.max_confidence)
 
+    def _dspark_warm_up_lookup(self) -> None:
+        """numba compiles the n-gram search and the choice now (about 2 s), not in a served
+        step: a search on an empty row, then the choice on arrays of the types a step passes
+        (the search's own buffers, int64 drafts, float64 confidences)."""
+        K = self.drafter.num_tokens
+        self._dspark_prompt_lookup([0], np.zeros((1, K), np.int64), None, None, True)  # no match: no choice
+        _, found, lengths = self._dspark_lookup
+        choose(np.zeros((1, K), np.int64), found[:1], lengths[:1], np.ones(1, bool), np.zeros((1, K)), 1.0)
+
     def _dspark_draft(self, block_table, block_size: int, anchors, anchor_pos: np.ndarray, sampling, generators,
                       sampled: bool | None = None):
         """One drafting round for len(anchors) requests whose context K/V sit in the paged cache."""
@@ -1496,12 +1505,8 @@ class DSparkWorkerMixin:
     def compile_or_warm_up_model(self):
         times = super().compile_or_warm_up_model()
         self.model_runner.dspark_load_or_measure_profile()
-        drafter = self.model_runner.drafter
-        if drafter.options.prompt_lookup is not None:  # numba compiles now (about 2 s), not in a step
-            K = drafter.num_tokens
-            self.model_runner._dspark_prompt_lookup([0], np.zeros((1, K), np.int64), None, None, True)
-            choose(np.zeros((1, K), np.int64), np.zeros((1, K), np.int32), np.zeros(1, np.int32),
-                   np.ones(1, bool), np.zeros((1, K)), 1.0)
+        if self.model_runner.drafter.options.prompt_lookup is not None:
+            self.model_runner._dspark_warm_up_lookup()
         return times
 
     def dspark_last_round(self) -> dict:

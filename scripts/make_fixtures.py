@@ -18,7 +18,7 @@ if __name__ == "__main__":
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--out", required=True, help="output folder")
     # Unset options keep make_target's / draft_config_for's defaults (the tests' models).
-    ap.add_argument("--vocab-size", type=int, default=512)
+    ap.add_argument("--vocab-size", type=int, help="default 512")
     ap.add_argument("--hidden-size", type=int, help="the target's (and so the drafter's); default 128")
     ap.add_argument("--num-layers", type=int, help="the target's; default 4")
     ap.add_argument("--draft-layers", type=int, help="default 2")
