@@ -1541,7 +1541,9 @@ class DSparkWorkerMixin:
                 "draft_rounds": drafter.rounds_drafted, "draft_fetches": self.draft_fetches,
                 "speculative_steps": self.model_runner.speculative_steps,
                 "context_writes": drafter.context_writes, "draft_dtype": str(drafter.dtype).removeprefix("torch."),
-                "sps_profile": None if drafter.profile is None else drafter.profile.model_dump()}
+                "sps_profile": None if drafter.profile is None else drafter.profile.model_dump(),
+                "prompt_lookup": None if drafter.options.prompt_lookup is None
+                else drafter.options.prompt_lookup.model_dump()}
 
 
 class DSparkCPUWorker(DSparkWorkerMixin, CPUWorker):

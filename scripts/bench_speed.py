@@ -48,6 +48,8 @@ load level first. The first pass's speed is reported too
                         (the break-even guard skips the others; DSpark only)
   model_dtype           what the engine's model ran in (--dtype; the checkpoint's by default)
   draft_dtype           what the drafter ran in (DSpark only; --draft-dtype, auto by default)
+  policy, prompt_lookup the verification policy and the prompt_lookup options the
+                        engine ran with (DSpark only, from dspark_info; null: lookup off)
   identical_to_plain    greedy: every answer of the first measured pass equals plain
                         decoding's (null when sampling)
   answers_differing, first_difference_at   greedy: how many answers differ from plain
@@ -201,7 +203,8 @@ async def bench_engine(args, name, prompts, levels):
                 row["cold_output_tokens_per_s"] = sum(len(t) for t in cold[0].values()) / cold[1]
             if is_dspark:
                 row["drafting_step_fraction"] = delta["drafting_steps"] / max(delta["steps"], 1.0)
-                row["draft_dtype"] = (await engine.collective_rpc("dspark_info"))[0]["draft_dtype"]
+                info = (await engine.collective_rpc("dspark_info"))[0]
+                row.update(draft_dtype=info["draft_dtype"], policy=info["policy"], prompt_lookup=info["prompt_lookup"])
             rows.append(row)
             answers[c] = got
             print(json.dumps(row), flush=True)

@@ -90,3 +90,25 @@ def test_compiled_rule_matches_a_vectorized_statement_of_it():
     tokens, max_lengths, took = np.empty_like(drafts), np.empty(R, dtype=np.int64), np.empty(R, dtype=bool)
     python_rows(drafts, found, lengths, eligible, confidences, 0.6, tokens, max_lengths, took)
     assert (took == expected).all() and (max_lengths == choice.max_lengths).all()
+
+
+def test_online_refinement_leaves_out_rows_that_took_lookup():
+    """Rows that verified lookup's block say nothing of the confidence head: the online
+    STS window takes only the drafter's rows (DSparkProposer.record_verification)."""
+    import torch
+
+    from dspark_vllm.metrics import EngineStats
+    from dspark_vllm.refinement import OnlineCalibration
+    from dspark_vllm.vllm_integration import PLACEHOLDER, DraftRound, DSparkProposer
+
+    K = 3
+    proposer = DSparkProposer.__new__(DSparkProposer)  # the counters' state only, no engine
+    proposer.num_tokens, proposer.verifying, proposer.offline_maps, proposer.guard = K, None, None, None
+    proposer.stats = EngineStats("fixed", K)
+    proposer.online = OnlineCalibration(np.ones(K), every=1024, window=64, max_change=0.25)
+    proposer.round = DraftRound(["a", "b", "c"], [1, 2, 3], np.array([5, 6, 7]), torch.zeros(3, K, dtype=torch.long),
+                                None, torch.zeros(3, K), took_lookup=np.array([False, True, False]))
+    output = torch.tensor([[4, 4, 4, 4], [4, 4, PLACEHOLDER, PLACEHOLDER], [4, PLACEHOLDER, PLACEHOLDER, PLACEHOLDER]])
+    proposer.record_verification(["a", "b", "c"], [3, 3, 3], output)
+    assert proposer.online.filled == 2  # rows a and c
+    assert proposer.stats.accepted.tolist() == [2, 1, 1]  # the counters still count every row
