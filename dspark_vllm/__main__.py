@@ -19,7 +19,8 @@ def main(argv=None) -> int:
     f = sub.add_parser("flags", help="print the vLLM engine flags for a DSpark draft checkpoint")
     f.add_argument("draft", help="folder of a DeepSpec-format DSpark checkpoint")
     f.add_argument("--num-speculative-tokens", type=int, default=None,
-                   help="draft tokens per round (default: the checkpoint's block_size)")
+                   help="draft tokens a step may verify per request (default: the checkpoint's block_size; "
+                        "with --prompt-lookup 23, lookup's blocks running past the drafter's)")
     f.add_argument("--verification", default="fixed",
                    help="verification policy: fixed | threshold | sync | async")
     f.add_argument("--threshold", type=float, default=None, help="survival threshold for 'threshold'")

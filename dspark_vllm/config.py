@@ -15,6 +15,11 @@ PROPOSER_PATH = "dspark_vllm.DSparkProposer"
 POLICIES = ("fixed", "threshold", "sync", "async")
 NEEDS_CONFIDENCES = ("threshold", "sync", "async")
 DEFAULT_PAIR = Path(__file__).parent / "assets" / "default_pair"
+# num_speculative_tokens that engine_kwargs gives prompt lookup (or the block size, if larger):
+# its blocks may run past the drafter's. Chosen on the default pair's calibration prompts
+# (scripts/replay_drafts.py --lookup-tokens): answers of 128 tokens emit 4.24 / 4.88 / 5.10 /
+# 5.23 tokens a step at 7 / 15 / 23 / 31, and at c=1 verifying 24 tokens costs about what 8 do.
+LOOKUP_NUM_SPECULATIVE_TOKENS = 23
 
 
 def demo_paths() -> dict[str, str]:
@@ -124,7 +129,9 @@ def engine_kwargs(draft_model: str, num_speculative_tokens: int | None = None,
                   verification: str = "fixed", **options) -> dict:
     """Keyword arguments for `vllm.LLM(model=TARGET, **engine_kwargs(DRAFT))`.
 
-    `num_speculative_tokens` defaults to the checkpoint's block size.
+    `num_speculative_tokens` defaults to the checkpoint's block size; with
+    `prompt_lookup` it may exceed it (lookup's blocks run up to it, lookup.py) and
+    defaults to LOOKUP_NUM_SPECULATIVE_TOKENS (or the block size, if larger).
     `verification` names the policy ("fixed", "threshold", "sync" or "async");
     further options (threshold=0.6, calibration=PATH, sps_profile=PATH) go into
     additional_config["dspark"]. Paths are made absolute.
@@ -133,7 +140,10 @@ def engine_kwargs(draft_model: str, num_speculative_tokens: int | None = None,
     from .model.config import DSparkConfig
 
     cfg = DSparkConfig.from_pretrained(draft_model)
-    k = check_num_speculative_tokens(cfg, num_speculative_tokens)
+    lookup = options.get("prompt_lookup") is not None
+    if lookup and num_speculative_tokens is None:
+        num_speculative_tokens = max(cfg.block_size, LOOKUP_NUM_SPECULATIVE_TOKENS)
+    k = check_num_speculative_tokens(cfg, num_speculative_tokens, lookup)
     for key in ("calibration", "sps_profile", "sps_cache_dir"):
         if options.get(key) is not None:
             options[key] = str(Path(options[key]).resolve())

@@ -13,14 +13,23 @@ proposals for every request and keeps one per request:
                     own token;
     the drafter's   everywhere else.
 
-Lookup proposes up to K tokens and often fewer; a row that takes it verifies at
-most as many. Replayed offline along the default pair's greedy answers of 128
-tokens (`scripts/replay_drafts.py`, float32): on 128 calibration prompts, where
-the threshold was chosen, 4.24 tokens a step against the drafter's 3.76 (4.20
-without the confidence test); on 64 held-out prompts 4.48 against 4.27 (lookup
-alone: 2.51; the better of the two at every step, which needs the answer: 4.90).
-Over the first 64 tokens of the same answers, which repeat themselves less, the
-gain is smaller: 3.67 against 3.46 and 3.76 against 3.73.
+Replayed offline along the default pair's greedy answers of 128 tokens
+(`scripts/replay_drafts.py`, float32, lookup up to 7 tokens): on 128 calibration
+prompts, where the threshold was chosen, 4.24 tokens a step against the drafter's
+3.76 (4.20 without the confidence test); on 64 held-out prompts 4.48 against 4.27
+(lookup alone: 2.51; the better of the two at every step, which needs the answer:
+4.90). Over the first 64 tokens of the same answers, which repeat themselves
+less, the gain is smaller: 3.67 against 3.46 and 3.76 against 3.73.
+
+Lookup proposes up to num_speculative_tokens tokens and often fewer; a row that
+takes it verifies at most as many (`verify_lengths`). With prompt lookup on,
+num_speculative_tokens may exceed the drafter's block (engine_kwargs sets 23 for
+block 7): the drafter still drafts its K tokens, and a row whose lookup agrees
+with all K of them and runs on takes lookup's longer block. At one request a step
+verifying 24 tokens costs about what one verifying 8 does, and copied stretches
+run long: on the calibration prompts' answers of 128 tokens the replay gives
+4.24 tokens a step with lookup up to 7 tokens, 4.88 up to 15, 5.10 up to 23 and
+5.23 up to 31.
 
 Only greedy requests take lookup's block. A sampled request verifies its drafts
 against q rows, the drafter's own distributions (`Drafts.probs`), which do not
@@ -29,7 +38,9 @@ describe a lookup token.
 The verification policy still judges each request by the drafter's calibrated
 confidences: a row that takes lookup's block agreed with the drafter on its
 first token, so slot 1's survival is the drafter's; past the agreement it is an
-estimate of how far the text runs predictably at all. The online refinement of
+estimate of how far the text runs predictably at all. Past the drafter's block
+there are no confidences: a row the policy verifies whole runs on to the end of
+lookup's block (`verify_lengths`). The online refinement of
 the confidences leaves those rows out (their accepted counts are lookup's).
 
 Why it stays lossless: the choice looks at the request's committed tokens, the
@@ -48,9 +59,10 @@ import numpy as np
 
 @dataclass
 class LookupChoice:
-    """The drafts of one round after the choice (R = drafting requests, K = block)."""
+    """The drafts of one round after the choice (R = drafting requests, K = drafter's
+    tokens, W >= K = lookup's widest proposal)."""
 
-    tokens: np.ndarray  # [R, K] the drafts to verify (lookup's where `took`)
+    tokens: np.ndarray  # [R, W] the drafts to verify (lookup's where `took`, else the drafter's K)
     max_lengths: np.ndarray  # [R] how many of them exist (lookup's length where `took`, else K)
     took: np.ndarray  # [R] bool: the row takes lookup's block
 
@@ -59,17 +71,19 @@ def _choose_rows(drafts, lookup, lookup_lengths, eligible, confidences, max_conf
                  tokens, max_lengths, took):
     R, K = drafts.shape
     for r in range(R):
-        tokens[r] = drafts[r]
+        tokens[r, :K] = drafts[r]
         max_lengths[r], took[r] = K, False
         n = lookup_lengths[r]
         if not eligible[r] or n == 0 or lookup[r, 0] != drafts[r, 0]:
             continue  # no n-gram, a sampled row, or lookup disagrees at once
         agree = 1  # slots where the two proposals agree
-        while agree < n and lookup[r, agree] == drafts[r, agree]:
+        while agree < min(n, K) and lookup[r, agree] == drafts[r, agree]:
             agree += 1
-        if agree == n or confidences[r, agree] >= max_confidence:
-            continue  # lookup ends inside the agreement, or the drafter is sure where they differ
-        tokens[r, :n] = lookup[r, :n]
+        if agree == n:
+            continue  # lookup ends inside the agreement
+        if agree < K and confidences[r, agree] >= max_confidence:
+            continue  # the drafter is sure where the two differ
+        tokens[r, :n] = lookup[r, :n]  # (agree == K: lookup runs on past the drafter's whole block)
         max_lengths[r], took[r] = n, True
 
 
@@ -77,19 +91,30 @@ def choose(drafts: np.ndarray, lookup: np.ndarray, lookup_lengths: np.ndarray, e
            confidences: np.ndarray | None = None, max_confidence: float = 1.0) -> LookupChoice:
     """Per request, lookup's block or the drafter's (module doc).
 
-    drafts [R, K] the drafter's tokens; lookup [R, >= K] lookup's, valid up to
-    lookup_lengths [R] (0: no n-gram matched); eligible [R] bool (greedy rows);
+    drafts [R, K] the drafter's tokens; lookup [R, W >= K] lookup's, valid up to
+    lookup_lengths [R] (0: no n-gram matched; W = num_speculative_tokens, which prompt
+    lookup lets exceed the drafter's block); eligible [R] bool (greedy rows);
     confidences [R, K] the drafter's calibrated c_k (None: no confidence head, no
     filter): lookup is taken only where c_k at the first slot where the two differ
     is below max_confidence."""
     R, K = drafts.shape
     if confidences is None:
         confidences = np.zeros((R, K))  # below any max_confidence (> 0)
-    tokens, max_lengths, took = np.empty_like(drafts), np.empty(R, dtype=np.int64), np.empty(R, dtype=bool)
+    tokens = np.zeros((R, max(K, lookup.shape[1])), dtype=drafts.dtype)
+    max_lengths, took = np.empty(R, dtype=np.int64), np.empty(R, dtype=bool)
     choose_rows = _compiled_choose_rows()
     choose_rows(drafts, lookup, lookup_lengths, eligible, confidences, float(max_confidence),
                 tokens, max_lengths, took)
     return LookupChoice(tokens, max_lengths, took)
+
+
+def verify_lengths(policy: np.ndarray, choice: LookupChoice, K: int) -> np.ndarray:
+    """How many drafts each row verifies after the choice: the policy's length (0..K,
+    from the drafter's confidences) cut to the chosen proposal's length, except that a
+    row the policy verifies whole runs on to the end of lookup's proposal, which may be
+    longer than the drafter's K (num_speculative_tokens > block_size). Past the
+    drafter's block there are no confidences to judge by."""
+    return np.where(policy >= K, choice.max_lengths, np.minimum(policy, choice.max_lengths))
 
 
 @functools.cache

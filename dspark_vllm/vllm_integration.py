@@ -34,7 +34,7 @@ from . import sps as sps_profile
 from .calibration import ConfidenceMap, calibrated_logits, load_calibration, scaled_maps
 from .config import DSparkOptions, PROPOSER_PATH, options_from_additional_config
 from .guard import BreakEvenGuard
-from .lookup import LookupChoice, choose
+from .lookup import LookupChoice, choose, verify_lengths
 from .metrics import DSparkPrometheus, EngineStats, StatsReport
 from .model.checkpoint import TargetInfo, load_draft_model, validate_checkpoint
 from .model.config import DSparkConfig, DSparkConfigError
@@ -83,6 +83,7 @@ def configure(vllm_config) -> None:
         options.draft_model,
         TargetInfo.from_hf_config(vllm_config.model_config.hf_config),
         vllm_config.speculative_config.num_speculative_tokens,
+        prompt_lookup=options.prompt_lookup is not None,
     )
     if options.calibration:
         load_calibration(options.calibration, draft_config.block_size)
@@ -435,8 +436,12 @@ class DSparkProposer:
         self.vllm_config = vllm_config
         self.options: DSparkOptions = options_from_additional_config(vllm_config.additional_config)
         target = TargetInfo.from_hf_config(vllm_config.model_config.hf_config)
-        self.num_tokens = vllm_config.speculative_config.num_speculative_tokens
-        self.draft_config = validate_checkpoint(self.options.draft_model, target, self.num_tokens)
+        # Draft tokens a step may verify per request; prompt lookup's blocks may run past
+        # the drafter's, which drafts at most its block_size (num_tokens).
+        self.max_draft_tokens = vllm_config.speculative_config.num_speculative_tokens
+        self.draft_config = validate_checkpoint(self.options.draft_model, target, self.max_draft_tokens,
+                                                self.options.prompt_lookup is not None)
+        self.num_tokens = min(self.max_draft_tokens, self.draft_config.block_size)
         self.num_target_layers = target.num_hidden_layers
         self.policy = make_policy(self.options.verification, self.options.model_dump(),
                                   confidence_head=self.draft_config.enable_confidence_head)
@@ -458,7 +463,7 @@ class DSparkProposer:
         # Counters in private memory. Only the first rank reports them: every rank sees the
         # same steps, and it is the rank whose step output vLLM's executor returns.
         self.reports_stats = _is_first_rank()
-        self.stats = EngineStats(self.policy.name, self.num_tokens)
+        self.stats = EngineStats(self.policy.name, self.max_draft_tokens)
         if self.maps is not None:
             self.stats.record_calibration(np.asarray(self.maps["temperatures"][: self.num_tokens]), float("nan"), 0)
         self.model = None
@@ -493,7 +498,7 @@ class DSparkProposer:
             self.use_vllm_cpu_kernels(target_model)
         logger.info("DSpark draft %s loaded in %s: block_size=%d, verifying up to %d tokens, "
                     "policy=%s, break-even guard %s, shared with target: %s", self.options.draft_model,
-                    str(self.dtype).removeprefix("torch."), cfg.block_size, self.num_tokens, self.policy.name,
+                    str(self.dtype).removeprefix("torch."), cfg.block_size, self.max_draft_tokens, self.policy.name,
                     "on" if self.guard else "off", self.shared or "nothing")
         cache_config = self.vllm_config.cache_config
         self.layer_names = [
@@ -649,12 +654,13 @@ class DSparkProposer:
         out = output.cpu().numpy()
         nd = np.asarray(num_draft_tokens)
         accepted = (out != PLACEHOLDER).sum(-1) - 1
-        positions = np.arange(self.num_tokens)
-        verified_mask = nd[:, None] > positions  # [n, K]: slot k of request r was verified
+        positions = np.arange(self.max_draft_tokens)
+        verified_mask = nd[:, None] > positions  # [n, max_draft_tokens]: slot k of request r was verified
         predicted = expected = None  # expected: accepted drafts the guard's probes compare (all rows known)
         if self.round is not None and self.round.survival is not None:
-            known = rows >= 0
-            predicted = (self.round.survival[rows[known]] * verified_mask[known]).sum(0)
+            known, K = rows >= 0, self.num_tokens  # survival exists for the drafter's K slots only
+            predicted = np.zeros(len(positions))
+            predicted[:K] = (self.round.survival[rows[known]] * verified_mask[known, :K]).sum(0)
             expected = float(predicted.sum()) if known.all() else None
         self.stats.record_verification(verified_mask.sum(0), (accepted[:, None] > positions).sum(0), predicted)
         if self.online is not None and self.round is not None:
@@ -953,10 +959,11 @@ class DSparkRunnerMixin:
         if self._draft_prob_req_ids is not round_ids:  # a follower rank holds the driver's q rows
             rows = round_rows(self._draft_prob_req_ids, req_ids)
         # flat index (row * K + slot) of every scheduled draft, -1 for requests without a row
-        nd = np.asarray(metadata.num_draft_tokens)
+        # and past the drafter's K slots (greedy rows verifying prompt lookup's longer block)
+        nd, K = np.asarray(metadata.num_draft_tokens), drafter.num_tokens
         slot = np.arange(nd.sum()) - np.repeat(np.cumsum(nd) - nd, nd)
         row = np.repeat(rows, nd)
-        index = _host_to_device(np.where(row >= 0, row * drafter.num_tokens + slot, -1), self._draft_probs.device)
+        index = _host_to_device(np.where((row >= 0) & (slot < K), row * K + slot, -1), self._draft_probs.device)
         q = self._draft_probs.flatten(0, 1)[index.clamp(min=0)]
         return q * (index >= 0)[:, None]
 
@@ -1073,7 +1080,7 @@ class DSparkRunnerMixin:
                                                 sampling_metadata.all_greedy)
         if choice is not None:
             tokens_h = torch.from_numpy(choice.tokens)
-            lengths = torch.minimum(lengths, torch.from_numpy(choice.max_lengths))
+            lengths = torch.from_numpy(verify_lengths(lengths.numpy(), choice, K))
             drafter.stats.record_lookup(int(choice.took.sum()))
 
         # 4. Hand over: token lists to the scheduler, q rows on vLLM's draft-probs route.
@@ -1096,14 +1103,14 @@ class DSparkRunnerMixin:
         its block and the drafter's (lookup.py). None: no n-gram matched, the drafter's
         blocks stand."""
         options, batch = self.drafter.options.prompt_lookup, self.input_batch
-        K = drafts.shape[1]
+        W = self.drafter.max_draft_tokens  # lookup's blocks may run past the drafter's K
         if self._dspark_lookup is None:
             # Imported here, after the worker's init: numba in sys.modules while vLLM's CPU
             # worker rebinds its Triton kernels (a scan of every module) breaks that scan.
             from vllm.v1.spec_decode.ngram_proposer import batch_propose_numba
 
             n = batch.token_ids_cpu.shape[0]
-            self._dspark_lookup = batch_propose_numba, np.zeros((n, K), np.int32), np.zeros(n, np.int32)
+            self._dspark_lookup = batch_propose_numba, np.zeros((n, W), np.int32), np.zeros(n, np.int32)
         if self._dspark_lookup_thread != threading.get_ident():
             # numba's thread count is per thread. One thread: a search costs a few microseconds
             # a request, and a parallel region would wake threads that torch's kernels use.
@@ -1114,7 +1121,7 @@ class DSparkRunnerMixin:
         search, found, lengths = self._dspark_lookup
         rows = np.asarray(rows)  # numba unboxes an array much faster than a list
         search(rows, batch.num_tokens_no_spec, batch.token_ids_cpu, options.min_n, options.max_n,
-               self.max_model_len, K, found, lengths)
+               self.max_model_len, W, found, lengths)
         lengths = lengths[rows]
         if not lengths.any():
             return None

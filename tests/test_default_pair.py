@@ -126,25 +126,37 @@ def test_prompt_lookup_is_exact_and_emits_more_per_step(pair):
     """prompt_lookup: greedy answers still equal plain decoding's, some rounds verify
     lookup's block, and one request's step emits more tokens than with the drafter
     alone on the same prompts (offline, scripts/replay_drafts.py predicts 4.41 against
-    4.18 on these 16; dspark_vllm/lookup.py). Sampled requests never take it."""
+    4.18 on these 16; dspark_vllm/lookup.py). Sampled requests never take it. With
+    num_speculative_tokens 23 (engine_kwargs' default with prompt lookup) lookup's blocks
+    run past the drafter's 7 tokens: slots 8-23 are verified and accepted, and a step
+    emits more again."""
     import dspark_vllm
     from vllm import LLM, SamplingParams
 
     prompts, params, common, expected = held_out_answers(pair, 16, 128)
-    per_step, lookup_blocks = {}, {}
-    for lookup in (None, {}):
-        kwargs = dspark_vllm.engine_kwargs(pair["dspark"], verification="fixed", calibration=pair["calibration"],
-                                           prompt_lookup=lookup)
+    per_step, lookup_blocks, accepted = {}, {}, {}
+    for run, lookup, num_tokens in (("off", None, None), ("on", {}, 7), ("23", {}, None)):
+        kwargs = dspark_vllm.engine_kwargs(pair["dspark"], num_tokens, verification="fixed",
+                                           calibration=pair["calibration"], prompt_lookup=lookup)
         llm = LLM(model=pair["target"], **kwargs, **common)
         # one at a time: tokens per step is what one request's step buys
         assert [generate_ids(llm, [p], params)[0] for p in prompts] == expected
         [stats] = llm.collective_rpc("dspark_stats")
-        on = lookup is not None
-        per_step[on], lookup_blocks[on] = len(prompts) * params.max_tokens / stats["steps"], stats["lookup_blocks"]
-        if on:
-            generate_ids(llm, prompts[:4], SamplingParams(temperature=1.0, max_tokens=32, seed=1, ignore_eos=True))
+        per_step[run] = len(prompts) * params.max_tokens / stats["steps"]
+        lookup_blocks[run], accepted[run] = stats["lookup_blocks"], stats["accepted"]
+        sampled = SamplingParams(temperature=1.0, max_tokens=32, seed=1, ignore_eos=True)
+        if run == "on":
+            generate_ids(llm, prompts[:4], sampled)
             [after] = llm.collective_rpc("dspark_stats")
             assert after["lookup_blocks"] == stats["lookup_blocks"]  # sampled rows keep the drafter's
+        if run == "23":  # greedy rows verify lookup's slots past K beside sampled rows with q rows
+            outs = llm.generate([{"prompt_token_ids": p} for p in prompts[:8]], [params, sampled] * 4,
+                                use_tqdm=False)
+            assert [tuple(o.outputs[0].token_ids) for o in outs[::2]] == expected[:8:2]
+            [after] = llm.collective_rpc("dspark_stats")
+            assert after["lookup_blocks"] > stats["lookup_blocks"] and after["accepted"][7:] > stats["accepted"][7:]
         del llm
-    assert lookup_blocks[False] == 0 and lookup_blocks[True] > 0, lookup_blocks
-    assert per_step[True] > 1.03 * per_step[False], per_step
+    assert lookup_blocks["off"] == 0 and lookup_blocks["on"] > 0 and lookup_blocks["23"] > 0, lookup_blocks
+    assert per_step["on"] > 1.03 * per_step["off"], per_step
+    assert len(accepted["on"]) == 7 and len(accepted["23"]) == 23 and sum(accepted["23"][7:]) > 0, accepted
+    assert per_step["23"] > 1.05 * per_step["on"], per_step

@@ -10,6 +10,7 @@ from safetensors.torch import load_file, save_file
 from transformers import AutoConfig
 
 from dspark_vllm import DSparkConfigError, engine_kwargs
+from dspark_vllm.config import LOOKUP_NUM_SPECULATIVE_TOKENS
 from dspark_vllm.model.checkpoint import TargetInfo, expected_shapes, load_draft_model, validate_checkpoint
 from dspark_vllm.model.config import DSparkConfig
 
@@ -97,10 +98,20 @@ def test_malformed_checkpoint_names_the_field(fixture_paths, target_info, tmp_pa
 
 
 def test_num_speculative_tokens_above_block_size(fixture_paths, target_info):
-    with pytest.raises(DSparkConfigError, match="block_size"):
+    """Only prompt lookup's blocks may run past the drafter's; the error names the way out."""
+    with pytest.raises(DSparkConfigError, match="block_size.*prompt_lookup"):
         validate_checkpoint(fixture_paths["dspark"], target_info, 8)
     with pytest.raises(DSparkConfigError, match="block_size"):
         engine_kwargs(fixture_paths["dspark"], num_speculative_tokens=8)
+    with pytest.raises(DSparkConfigError, match="num_speculative_tokens=0"):
+        engine_kwargs(fixture_paths["dspark"], num_speculative_tokens=0, prompt_lookup={})
+    validate_checkpoint(fixture_paths["dspark"], target_info, 8, prompt_lookup=True)
+    kwargs = engine_kwargs(fixture_paths["dspark"], num_speculative_tokens=9, prompt_lookup={})
+    assert kwargs["speculative_config"]["num_speculative_tokens"] == 9
+    # unset: the block size without prompt lookup, LOOKUP_NUM_SPECULATIVE_TOKENS with it
+    assert engine_kwargs(fixture_paths["dspark"])["speculative_config"]["num_speculative_tokens"] == 7
+    kwargs = engine_kwargs(fixture_paths["dspark"], prompt_lookup={})
+    assert kwargs["speculative_config"]["num_speculative_tokens"] == LOOKUP_NUM_SPECULATIVE_TOKENS == 23
 
 
 def test_missing_path(tmp_path):

@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 
 from dspark_vllm.config import options_from_additional_config
-from dspark_vllm.lookup import choose
+from dspark_vllm.lookup import choose, verify_lengths
 from dspark_vllm.model.config import DSparkConfigError
 
 
@@ -35,6 +35,27 @@ def test_full_agreement_keeps_the_drafter():
     drafts = np.array([[1, 2, 3]])
     choice = choose(drafts, drafts.copy(), np.array([3]), np.array([True]))
     assert not choice.took[0] and choice.max_lengths[0] == 3
+
+
+def test_lookup_runs_past_the_drafters_block():
+    """With num_speculative_tokens above the block size lookup proposes more than the
+    drafter's K tokens: a row whose lookup agrees with the whole block and runs on takes
+    it, and verifies past K where the policy verifies the whole block."""
+    drafts = np.array([[5, 6, 7], [5, 6, 7], [5, 6, 7], [5, 6, 7]])
+    lookup = np.array([[5, 6, 7, 8, 9],   # agrees on the whole block, runs to 5: lookup
+                       [5, 6, 7, 8, 9],   # the same, but only 3 exist: the drafter's
+                       [5, 6, 1, 2, 3],   # differs at slot 2 (c = 0.5): lookup
+                       [5, 1, 2, 3, 4]])  # differs at slot 1 (c = 0.95): the drafter's
+    lengths = np.array([5, 3, 5, 5])
+    confidences = np.array([[0.99, 0.95, 0.5]] * 4)
+    choice = choose(drafts, lookup, lengths, np.ones(4, bool), confidences, 0.9)
+    assert choice.took.tolist() == [True, False, True, False]
+    assert choice.max_lengths.tolist() == [5, 3, 5, 3] and choice.tokens.shape == (4, 5)
+    assert choice.tokens[0].tolist() == [5, 6, 7, 8, 9] and choice.tokens[2].tolist() == [5, 6, 1, 2, 3]
+    assert choice.tokens[3, :3].tolist() == [5, 6, 7]
+    # the policy's lengths (0..K) cut to the proposal; a whole block runs on to lookup's end
+    assert verify_lengths(np.array([3, 3, 3, 3]), choice, 3).tolist() == [5, 3, 5, 3]
+    assert verify_lengths(np.array([2, 1, 0, 2]), choice, 3).tolist() == [2, 1, 0, 2]
 
 
 @pytest.mark.parametrize("bad,field", [({"min_n": 0}, "prompt_lookup.min_n"),
@@ -69,17 +90,19 @@ def test_compiled_rule_matches_a_vectorized_statement_of_it():
     from dspark_vllm import lookup
 
     rng = np.random.default_rng(0)
-    R, K = 400, 7
+    R, K, W = 400, 7, 10  # lookup proposes up to W > K tokens (num_speculative_tokens 10)
     drafts = rng.integers(0, 3, size=(R, K))
-    found = np.where(rng.random((R, K)) < 0.7, drafts, rng.integers(0, 3, size=(R, K)))
-    lengths = rng.integers(0, K + 1, size=R)
+    found = rng.integers(0, 3, size=(R, W))
+    found[:, :K] = np.where(rng.random((R, K)) < 0.7, drafts, found[:, :K])
+    lengths = rng.integers(0, W + 1, size=R)
     eligible = rng.random(R) < 0.8
     confidences = rng.random((R, K))
     exists = np.arange(K) < lengths[:, None]
-    agree = np.cumprod((found == drafts) & exists, axis=1).sum(axis=1)
+    agree = np.cumprod((found[:, :K] == drafts) & exists, axis=1).sum(axis=1)
     at_difference = confidences[np.arange(R), np.minimum(agree, K - 1)]
-    expected = eligible & (agree >= 1) & (lengths > agree) & (at_difference < 0.6)
+    expected = eligible & (agree >= 1) & (lengths > agree) & ((agree == K) | (at_difference < 0.6))
     assert 20 < expected.sum() < R - 20  # both outcomes well represented
+    assert ((agree == K) & expected).sum() > 5  # and lookup running past a block it agrees with
     choice = choose(drafts, found, lengths, eligible, confidences, 0.6)
     assert (choice.took == expected).all()
     assert (choice.max_lengths == np.where(expected, lengths, K)).all()
@@ -87,9 +110,10 @@ def test_compiled_rule_matches_a_vectorized_statement_of_it():
         n = choice.max_lengths[r]
         assert (choice.tokens[r, :n] == (found if expected[r] else drafts)[r, :n]).all()
     python_rows = lookup._choose_rows  # the uncompiled loop
-    tokens, max_lengths, took = np.empty_like(drafts), np.empty(R, dtype=np.int64), np.empty(R, dtype=bool)
+    tokens, max_lengths, took = np.zeros((R, W), dtype=drafts.dtype), np.empty(R, dtype=np.int64), np.empty(R, bool)
     python_rows(drafts, found, lengths, eligible, confidences, 0.6, tokens, max_lengths, took)
     assert (took == expected).all() and (max_lengths == choice.max_lengths).all()
+    assert (tokens == choice.tokens).all()
 
 
 def test_online_refinement_leaves_out_rows_that_took_lookup():
@@ -103,7 +127,8 @@ def test_online_refinement_leaves_out_rows_that_took_lookup():
 
     K = 3
     proposer = DSparkProposer.__new__(DSparkProposer)  # the counters' state only, no engine
-    proposer.num_tokens, proposer.verifying, proposer.offline_maps, proposer.guard = K, None, None, None
+    proposer.num_tokens = proposer.max_draft_tokens = K
+    proposer.verifying, proposer.offline_maps, proposer.guard = None, None, None
     proposer.stats = EngineStats("fixed", K)
     proposer.online = OnlineCalibration(np.ones(K), every=1024, window=64, max_change=0.25)
     proposer.round = DraftRound(["a", "b", "c"], [1, 2, 3], np.array([5, 6, 7]), torch.zeros(3, K, dtype=torch.long),

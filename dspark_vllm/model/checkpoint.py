@@ -71,16 +71,20 @@ def check_against_target(cfg: DSparkConfig, target: TargetInfo, source: str) -> 
         )
 
 
-def check_num_speculative_tokens(cfg: DSparkConfig, num_speculative_tokens: int | None) -> int:
-    """The number of draft tokens per round: at most the checkpoint's block size."""
+def check_num_speculative_tokens(cfg: DSparkConfig, num_speculative_tokens: int | None,
+                                 prompt_lookup: bool = False) -> int:
+    """Draft tokens a step may verify per request: at most the checkpoint's block size,
+    or more with prompt lookup on, whose proposals may run past the drafter's block
+    (the drafter then drafts its block_size and lookup up to num_speculative_tokens)."""
     if num_speculative_tokens is None:
         return cfg.block_size
-    if not 1 <= num_speculative_tokens <= cfg.block_size:
+    if num_speculative_tokens < 1 or (num_speculative_tokens > cfg.block_size and not prompt_lookup):
         raise DSparkConfigError(
             f"num_speculative_tokens={num_speculative_tokens} but the draft checkpoint's "
             f"'block_size' is {cfg.block_size}: a DSpark block drafts at most block_size "
             f"tokens. Set num_speculative_tokens between 1 and {cfg.block_size} (or leave "
-            f"it unset to use the block size)."
+            f"it unset to use the block size), or turn on additional_config['dspark']"
+            f".prompt_lookup, whose blocks may run up to num_speculative_tokens."
         )
     return num_speculative_tokens
 
@@ -123,13 +127,14 @@ def validate_checkpoint(
     path: str | Path,
     target: TargetInfo | None = None,
     num_speculative_tokens: int | None = None,
+    prompt_lookup: bool = False,
 ) -> DSparkConfig:
     """All start-up checks of a draft checkpoint; returns its config."""
     cfg = DSparkConfig.from_pretrained(path)
     source = str(Path(path) / "config.json")
     if target is not None:
         check_against_target(cfg, target, source)
-    check_num_speculative_tokens(cfg, num_speculative_tokens)
+    check_num_speculative_tokens(cfg, num_speculative_tokens, prompt_lookup)
     check_weights(path, cfg)
     return cfg
 
