@@ -8,7 +8,10 @@ policy, and vLLM's built-in n-gram speculation, on the same prompts and engine s
 
 One engine (AsyncLLM, in this process) per row: `plain`, `dspark-<policy>` and
 `ngram`. A policy written `<policy>+lookup` (e.g. `fixed+lookup`) runs with
-prompt lookup beside the drafter (`prompt_lookup`, dspark_vllm/lookup.py). At
+prompt lookup beside the drafter (`prompt_lookup`, dspark_vllm/lookup.py);
+`<policy>+lookup<N>` (e.g. `fixed+lookup23`) also sets num_speculative_tokens
+to N, so that lookup's blocks may run past the drafter's. `--ngram-tokens 7,23`
+adds an n-gram row per value (`ngram` for 7, the issue's peer; `ngram-23`). At
 concurrency c, c clients take the prompts from one queue, one request at a time,
 until every prompt was answered (so each level does the same work; c=1 is
 requests one by one, c=64 about one batch).
@@ -50,6 +53,7 @@ load level first. The first pass's speed is reported too
   draft_dtype           what the drafter ran in (DSpark only; --draft-dtype, auto by default)
   policy, prompt_lookup the verification policy and the prompt_lookup options the
                         engine ran with (DSpark only, from dspark_info; null: lookup off)
+  num_speculative_tokens  the engine's (speculative rows only)
   identical_to_plain    greedy: every answer of the first measured pass equals plain
                         decoding's (null when sampling)
   answers_differing, first_difference_at   greedy: how many answers differ from plain
@@ -97,6 +101,8 @@ def parse_args(argv=None):
     ap.add_argument("--concurrency", default="1,4,16,64")
     ap.add_argument("--policies", default="fixed,sync,async")
     ap.add_argument("--no-ngram", action="store_true", help="leave out vLLM's n-gram speculation")
+    ap.add_argument("--ngram-tokens", default=str(NGRAM["num_speculative_tokens"]),
+                    help="num_speculative_tokens of the n-gram rows, one row per value (e.g. 7,23)")
     ap.add_argument("--calibration", default=None, help="STS calibration JSON for the policies")
     ap.add_argument("--sps-profile", default=None, help="engine cost table instead of profiling")
     ap.add_argument("--temperature", type=float, default=0.0)
@@ -114,6 +120,14 @@ def parse_args(argv=None):
                     help="run the target eagerly (default: vLLM's default, as `vllm serve` and `vllm.LLM` run "
                          "it: torch.compile on the CPU, compiled and CUDA graphs on a GPU)")
     return ap.parse_args(argv)
+
+
+def ngram_name(k: int) -> str:
+    return "ngram" if k == NGRAM["num_speculative_tokens"] else f"ngram-{k}"
+
+
+def ngram_tokens(name: str) -> int:
+    return int(name.removeprefix("ngram-")) if name != "ngram" else NGRAM["num_speculative_tokens"]
 
 
 async def run_level(engine, prompts, concurrency, params):
@@ -169,15 +183,15 @@ async def bench_engine(args, name, prompts, levels):
         options = {k: v for k, v in (("calibration", args.calibration), ("sps_profile", args.sps_profile))
                    if v is not None}
         options["draft_dtype"] = args.draft_dtype
-        policy = name.removeprefix("dspark-")
-        if policy.endswith("+lookup"):
-            policy, options["prompt_lookup"] = policy.removesuffix("+lookup"), {}
-        kwargs = dspark_vllm.engine_kwargs(args.draft, verification=policy, **options)
-    elif name == "ngram":
-        kwargs = {"speculative_config": dict(NGRAM)}
+        policy, lookup, tokens = name.removeprefix("dspark-").partition("+lookup")
+        if lookup:
+            options["prompt_lookup"] = {}
+        kwargs = dspark_vllm.engine_kwargs(args.draft, int(tokens) if tokens else None, verification=policy, **options)
+    elif name.startswith("ngram"):
+        kwargs = {"speculative_config": dict(NGRAM, num_speculative_tokens=ngram_tokens(name))}
     engine = AsyncLLM.from_engine_args(AsyncEngineArgs(
         model=args.target, dtype=args.dtype, max_model_len=args.max_model_len, enforce_eager=args.enforce_eager,
-        max_num_seqs=max(levels), seed=0, disable_log_stats=name != "ngram", **kwargs))
+        max_num_seqs=max(levels), seed=0, disable_log_stats=not name.startswith("ngram"), **kwargs))
     is_dspark = name.startswith("dspark-")
     params = SamplingParams(max_tokens=args.max_tokens, temperature=args.temperature, ignore_eos=True)
     rows, answers = [], {}
@@ -197,6 +211,8 @@ async def bench_engine(args, name, prompts, levels):
                    "passes": passes, "requests": passes * len(got), "tokens": tokens,
                    "model_dtype": str(engine.model_config.dtype).removeprefix("torch."),
                    "tau": 1 + delta["accepted"] / delta["rounds"] if delta["rounds"] else None}
+            if "speculative_config" in kwargs:
+                row["num_speculative_tokens"] = kwargs["speculative_config"]["num_speculative_tokens"]
             if delta.get("steps"):  # plain decoding runs without vLLM's stats: none
                 row["tokens_per_step"] = tokens / delta["steps"]
             if cold is not None:
@@ -284,7 +300,8 @@ def plot(result, path):
     for name in dict.fromkeys(r["engine"] for r in result["results"]):
         rs = [r for r in result["results"] if r["engine"] == name]
         xs = [r["concurrency"] for r in rs]
-        style = {"marker": "o", "linestyle": "--" if name in ("plain", "ngram") else "-"}
+        peer = name == "plain" or name.startswith("ngram")
+        style = {"marker": "o", "linestyle": "--" if peer else "-"}
         axes[0].plot(xs, [r["output_tokens_per_s"] for r in rs], label=name, **style)
         ratio = [r["ratio_to_plain"] for r in rs]
         spread = [[m - r["ratio_range"][0] for m, r in zip(ratio, rs)], [r["ratio_range"][1] - m for m, r in zip(ratio, rs)]]
@@ -336,7 +353,8 @@ def main(argv=None):
     if too_long:
         sys.exit(f"prompts {too_long[:5]} do not fit: raise --max-model-len or lower --max-tokens")
     levels = [int(x) for x in args.concurrency.split(",")]
-    names = ["plain"] + [f"dspark-{p}" for p in args.policies.split(",") if p] + ([] if args.no_ngram else ["ngram"])
+    names = (["plain"] + [f"dspark-{p}" for p in args.policies.split(",") if p]
+             + ([] if args.no_ngram else [ngram_name(int(k)) for k in args.ngram_tokens.split(",")]))
     rounds = []
     for i in range(args.repeats):
         # Every other round runs the engines in reverse order, so that a host whose speed

@@ -3,7 +3,7 @@
 
     python scripts/replay_drafts.py --target T --draft D --prompts P.jsonl --json OUT.json
         [--num-prompts 64] [--max-tokens 128] [--raw] [--ngram-min 2] [--ngram-max 4]
-        [--calibration CAL.json] [--lookup-max-confidence 0.9]
+        [--calibration CAL.json] [--lookup-max-confidence 0.9] [--lookup-tokens 23]
 
 No engine and no timing: the target (Hugging Face, float32) writes each greedy
 answer; the drafter drafts at every anchor of it (the dense reference
@@ -17,7 +17,9 @@ draft's longest prefix that matches the answer, plus one token. Reported:
                        oracle), and `dspark_with_lookup`: the choice serving makes
                        with the `prompt_lookup` option (dspark_vllm/lookup.py, a
                        rule that needs no look-ahead; it reads the drafter's
-                       confidences, calibrated by --calibration as in serving)
+                       confidences, calibrated by --calibration as in serving;
+                       lookup's blocks run up to --lookup-tokens, the engine's
+                       num_speculative_tokens, default: the block size)
   ngram_match_rate     share of anchors where prompt lookup proposes anything
   per_request          DSpark's tokens per step of each answer (min, quartiles,
                        max) and the steps each needs: in a batch nobody refills,
@@ -47,6 +49,9 @@ def parse_args(argv=None):
     ap.add_argument("--calibration", default=None, help="STS calibration JSON of the confidences")
     ap.add_argument("--lookup-max-confidence", type=float, default=None,
                     help="prompt_lookup.max_confidence (default: the option's default)")
+    ap.add_argument("--lookup-tokens", type=int, default=None,
+                    help="num_speculative_tokens with prompt lookup: its blocks may run past the drafter's "
+                         "(default: the block size)")
     return ap.parse_args(argv)
 
 
@@ -92,6 +97,7 @@ def main(argv=None):
     target = AutoModelForCausalLM.from_pretrained(args.target, dtype=torch.float32)
     model = load_draft_model(args.draft, torch.float32)
     K = model.config.block_size
+    W = max(K, args.lookup_tokens or K)  # lookup's longest block
     maps = load_calibration(args.calibration, K).maps if args.calibration else None
     options = PromptLookupOptions(**({} if args.lookup_max_confidence is None
                                      else {"max_confidence": args.lookup_max_confidence}))
@@ -112,12 +118,12 @@ def main(argv=None):
             logits = rounds.confidence_logits.float().numpy()
             confidences = 1 / (1 + np.exp(-(calibrated_logits(logits, **maps) if maps else logits)))
         rows = {s: [] for s in sources}
-        lookup, lengths = np.zeros_like(drafts), np.zeros(len(anchors), dtype=np.int64)
+        lookup, lengths = np.zeros((len(anchors), W), dtype=drafts.dtype), np.zeros(len(anchors), dtype=np.int64)
         for j, a in enumerate(anchors.tolist()):
             truth = tokens[a + 1:a + 1 + K]
-            ngram = prompt_lookup(tokens[:a + 1], args.ngram_min, args.ngram_max, K)
+            ngram = prompt_lookup(tokens[:a + 1], args.ngram_min, args.ngram_max, W)
             lookup[j, :len(ngram)], lengths[j] = ngram, len(ngram)
-            d, n = matched(drafts[j], truth), matched(ngram, truth)
+            d, n = matched(drafts[j], truth), matched(ngram[:K], truth)
             matches += len(ngram) > 0
             rows["dspark"].append(d)
             rows["ngram"].append(n)
@@ -126,7 +132,7 @@ def main(argv=None):
                         options.max_confidence)
         for j, a in enumerate(anchors.tolist()):
             taken = choice.tokens[j, :choice.max_lengths[j]]
-            rows["dspark_with_lookup"].append(matched(taken, tokens[a + 1:a + 1 + K]))
+            rows["dspark_with_lookup"].append(matched(taken, tokens[a + 1:a + 1 + W]))
         anchors_seen += len(anchors)
         for s in sources:
             accepted[s].append(np.array(rows[s]))
@@ -136,7 +142,7 @@ def main(argv=None):
     steps = walks["dspark"][:, 1]
     out = {"target": args.target, "draft": args.draft, "prompts": args.prompts, "num_prompts": len(prompts),
            "max_tokens": args.max_tokens, "block_size": K, "ngram": [args.ngram_min, args.ngram_max],
-           "calibration": args.calibration, "lookup_max_confidence": options.max_confidence,
+           "calibration": args.calibration, "lookup_max_confidence": options.max_confidence, "lookup_tokens": W,
            "tokens_per_step": {s: float(w[:, 0].sum() / w[:, 1].sum()) for s, w in walks.items()},
            "ngram_match_rate": matches / anchors_seen,
            "per_request": {"dspark_tokens_per_step": {"min": float(tau.min()),

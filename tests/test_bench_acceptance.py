@@ -58,12 +58,13 @@ def test_bench_speed(fixture_paths, tmp_path):
     out, png = tmp_path / "speed.json", tmp_path / "speed.png"
     subprocess.run([sys.executable, str(ROOT / "scripts" / "bench_speed.py"),
                     "--target", fx["target"], "--draft", fx["dspark"], "--prompts", str(prompts),
-                    "--concurrency", "1,4", "--policies", "fixed,sync+lookup", "--max-tokens", "16", "--raw",
+                    "--concurrency", "1,4", "--policies", "fixed,sync+lookup9", "--ngram-tokens", "9",
+                    "--max-tokens", "16", "--raw",
                     "--sps-profile", str(steep), "--min-seconds", "0.5", "--json", str(out), "--plot", str(png)],
                    check=True, timeout=900)
     r = json.loads(out.read_text())
     rows = {(x["engine"], x["concurrency"]): x for x in r["results"]}
-    assert set(rows) == {(e, c) for e in ("plain", "dspark-fixed", "dspark-sync+lookup", "ngram") for c in (1, 4)}
+    assert set(rows) == {(e, c) for e in ("plain", "dspark-fixed", "dspark-sync+lookup9", "ngram-9") for c in (1, 4)}
     for x in rows.values():
         # measured over passes until they add up to --min-seconds: speed is their tokens over their time
         assert x["passes"] >= 1 and x["wall_s"] >= 0.5
@@ -84,24 +85,28 @@ def test_bench_speed(fixture_paths, tmp_path):
             assert x["identical_to_plain"] is True, x
         else:
             assert x["answers_differing"] <= 1, x
-    assert rows[("plain", 1)]["tau"] is None and rows[("ngram", 1)]["tau"] >= 1.0
+    assert rows[("plain", 1)]["tau"] is None and rows[("ngram-9", 1)]["tau"] >= 1.0
     # Tokens per engine step count every step, tau only the steps that speculated (and, one
     # request at a time, a step emits 1 + its accepted drafts): 1 <= tokens_per_step <= tau.
     assert "tokens_per_step" not in rows[("plain", 1)]
-    for name in ("dspark-fixed", "dspark-sync+lookup", "ngram"):
+    for name in ("dspark-fixed", "dspark-sync+lookup9", "ngram-9"):
         x = rows[(name, 1)]
         assert 1.0 <= x["tokens_per_step"] <= x["tau"] + 1e-9, x
         assert rows[(name, 4)]["tokens_per_step"] >= 1.0
     # The random drafter does not pay on the steep example curve: the guard skips most drafting.
     for c in (1, 4):
-        assert 0.0 < rows[("dspark-sync+lookup", c)]["drafting_step_fraction"] < 0.5
+        assert 0.0 < rows[("dspark-sync+lookup9", c)]["drafting_step_fraction"] < 0.5
     # The fixture's own dtype, for every engine (vLLM's "auto" would downcast it on CPUs with native bf16).
     assert r["dtype"] == "float32" and {x["model_dtype"] for x in rows.values()} == {"float32"}
     assert r["enforce_eager"] is False
     assert {rows[("dspark-fixed", c)]["draft_dtype"] for c in (1, 4)} == {"float32"}  # auto, float32 model
-    # `<policy>+lookup` runs that policy with prompt lookup beside the drafter (its defaults)
-    assert rows[("dspark-sync+lookup", 1)]["policy"] == "sync" and rows[("dspark-fixed", 1)]["policy"] == "fixed"
-    assert rows[("dspark-sync+lookup", 1)]["prompt_lookup"] == {"min_n": 2, "max_n": 4, "max_confidence": 0.9}
+    # `<policy>+lookup<N>` runs that policy with prompt lookup beside the drafter (its defaults)
+    # and num_speculative_tokens N (past the fixture's block of 7); `--ngram-tokens 9`: n-gram with 9
+    assert {rows[(e, 1)]["num_speculative_tokens"] for e in ("dspark-sync+lookup9", "ngram-9")} == {9}
+    assert rows[("dspark-fixed", 1)]["num_speculative_tokens"] == 7 and "num_speculative_tokens" not in rows[
+        ("plain", 1)]
+    assert rows[("dspark-sync+lookup9", 1)]["policy"] == "sync" and rows[("dspark-fixed", 1)]["policy"] == "fixed"
+    assert rows[("dspark-sync+lookup9", 1)]["prompt_lookup"] == {"min_n": 2, "max_n": 4, "max_confidence": 0.9}
     assert rows[("dspark-fixed", 1)]["prompt_lookup"] is None
     assert r["host"]["threads"] >= 1 and r["host"]["capability"]
     assert png.stat().st_size > 0

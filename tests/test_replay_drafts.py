@@ -57,3 +57,13 @@ def test_replay_drafts_end_to_end(fixture_paths, tmp_path):
     assert q["min"] <= q["quartiles"][0] <= q["quartiles"][1] <= q["quartiles"][2] <= q["max"]
     steps = r["per_request"]["steps"]
     assert steps["min"] <= steps["mean"] <= steps["max"] <= 12
+    # --lookup-tokens: lookup's blocks may run past the drafter's; the other sources stay as they were
+    longer = tmp_path / "replay-12.json"
+    replay_drafts.main(["--target", fixture_paths["target"], "--draft", fixture_paths["dspark"],
+                        "--prompts", str(prompts), "--raw", "--max-tokens", "12", "--json", str(longer),
+                        "--lookup-tokens", "12"])
+    r12 = json.loads(longer.read_text())
+    assert r["lookup_tokens"] == 7 and r12["lookup_tokens"] == 12
+    assert {s: r12["tokens_per_step"][s] for s in ("dspark", "ngram", "oracle")} == {
+        s: per_step[s] for s in ("dspark", "ngram", "oracle")}
+    assert 1.0 <= r12["tokens_per_step"]["dspark_with_lookup"] <= 13.0
