@@ -1,6 +1,6 @@
 """Generate with DSpark on the embedded default model pair, next to plain decoding.
 
-    python scripts/demo.py [--verification sync] [--max-tokens 96] [--num-prompts 4]
+    python scripts/demo.py [--verification sync] [--max-tokens 96] [--num-prompts 4] [--prompt-lookup]
 
 The default pair (dspark_vllm/assets/default_pair, `python -m dspark_vllm
 demo-paths`) is a small Python-code model trained on the standard library and
@@ -41,6 +41,8 @@ if __name__ == "__main__":
     ap.add_argument("--verification", default="sync", help="fixed | threshold | sync | async")
     ap.add_argument("--max-tokens", type=int, default=96)
     ap.add_argument("--num-prompts", type=int, default=4)
+    ap.add_argument("--prompt-lookup", action="store_true",
+                    help="prompt lookup beside the drafter (num_speculative_tokens 23; README)")
     args = ap.parse_args()
     from vllm import LLM, SamplingParams
 
@@ -66,7 +68,8 @@ if __name__ == "__main__":
     plain, plain_s = timed(plain_llm)
     del plain_llm
     kwargs = dspark_vllm.engine_kwargs(paths["dspark"], verification=args.verification,
-                                       calibration=paths["calibration"])
+                                       calibration=paths["calibration"],
+                                       prompt_lookup={} if args.prompt_lookup else None)
     llm = LLM(model=paths["target"], **kwargs, **common)
     timed(llm)
     spec, spec_s = timed(llm)
@@ -86,5 +89,6 @@ if __name__ == "__main__":
                if gap < NEAR_TIE else "not a near-tie: please report it")
         print(f"  answer {i} first differs at token {at}, where the target's two best next tokens are "
               f"{gap:.3f} apart in float32 logits: {why}")
-    print(f"policy {args.verification}: {tau:.2f} tokens per drafting round; "
+    print(f"policy {args.verification}{' + prompt lookup' if args.prompt_lookup else ''}: {tau:.2f} tokens "
+          "per drafting round; "
           f"plain {tokens / plain_s:.0f} tok/s, DSpark {tokens / spec_s:.0f} tok/s")
