@@ -8,9 +8,9 @@ policy, and vLLM's built-in n-gram speculation, on the same prompts and engine s
 
 One engine (AsyncLLM, in this process) per row: `plain`, `dspark-<policy>` and
 `ngram`. A policy written `<policy>+lookup` (e.g. `fixed+lookup`) runs with
-prompt lookup beside the drafter (`prompt_lookup`, dspark_vllm/lookup.py);
-`<policy>+lookup<N>` (e.g. `fixed+lookup23`) also sets num_speculative_tokens
-to N, so that lookup's blocks may run past the drafter's. `--ngram-tokens 7,23`
+prompt lookup beside the drafter (`prompt_lookup`, dspark_vllm/lookup.py) and
+engine_kwargs' num_speculative_tokens for it (23: lookup's blocks may run past
+the drafter's); `<policy>+lookup<N>` (e.g. `fixed+lookup7`) sets N instead. `--ngram-tokens 7,23`
 adds an n-gram row per value (`ngram` for 7, the issue's peer; `ngram-23`). At
 concurrency c, c clients take the prompts from one queue, one request at a time,
 until every prompt was answered (so each level does the same work; c=1 is
@@ -186,7 +186,8 @@ async def bench_engine(args, name, prompts, levels):
         policy, lookup, tokens = name.removeprefix("dspark-").partition("+lookup")
         if lookup:
             options["prompt_lookup"] = {}
-        kwargs = dspark_vllm.engine_kwargs(args.draft, int(tokens) if tokens else None, verification=policy, **options)
+        kwargs = dspark_vllm.engine_kwargs(args.draft, int(tokens) if tokens else None, verification=policy,
+                                           **options)
     elif name.startswith("ngram"):
         kwargs = {"speculative_config": dict(NGRAM, num_speculative_tokens=ngram_tokens(name))}
     engine = AsyncLLM.from_engine_args(AsyncEngineArgs(
