@@ -22,8 +22,8 @@ prompts, where the threshold was chosen, 4.24 tokens a step against the drafter'
 less, the gain is smaller: 3.67 against 3.46 and 3.76 against 3.73.
 
 Lookup proposes up to num_speculative_tokens tokens and often fewer; a row that
-takes it verifies at most as many (`verify_lengths`). With prompt lookup on,
-num_speculative_tokens may exceed the drafter's block (engine_kwargs sets 23 for
+takes it verifies at most as many (`LookupChoice.verify_lengths`). With prompt
+lookup on, num_speculative_tokens may exceed the drafter's block (engine_kwargs sets 23 for
 block 7): the drafter still drafts its K tokens, and a row whose lookup agrees
 with all K of them and runs on takes lookup's longer block. At one request a step
 verifying 24 tokens costs about what one verifying 8 does, and copied stretches
@@ -40,8 +40,8 @@ confidences: a row that takes lookup's block agreed with the drafter on its
 first token, so slot 1's survival is the drafter's; past the agreement it is an
 estimate of how far the text runs predictably at all. Past the drafter's block
 there are no confidences: a row the policy verifies whole runs on to the end of
-lookup's block (`verify_lengths`). The online refinement of
-the confidences leaves those rows out (their accepted counts are lookup's).
+lookup's block (`LookupChoice.verify_lengths`). The online refinement of the
+confidences leaves those rows out (their accepted counts are lookup's).
 
 Why it stays lossless: the choice looks at the request's committed tokens, the
 two proposals and the drafter's confidences only, never at the target's verdict
@@ -65,6 +65,14 @@ class LookupChoice:
     tokens: np.ndarray  # [R, W] the drafts to verify (lookup's where `took`, else the drafter's K)
     max_lengths: np.ndarray  # [R] how many of them exist (lookup's length where `took`, else K)
     took: np.ndarray  # [R] bool: the row takes lookup's block
+
+    def verify_lengths(self, policy: np.ndarray, K: int) -> np.ndarray:
+        """How many drafts each row verifies: the policy's length (0..K, from the drafter's
+        confidences) cut to the chosen proposal's length, except that a row the policy
+        verifies whole runs on to the end of lookup's proposal, which may be longer than
+        the drafter's K (num_speculative_tokens > block_size). Past the drafter's block
+        there are no confidences to judge by."""
+        return np.where(policy >= K, self.max_lengths, np.minimum(policy, self.max_lengths))
 
 
 def _choose_rows(drafts, lookup, lookup_lengths, eligible, confidences, max_confidence,
@@ -106,15 +114,6 @@ def choose(drafts: np.ndarray, lookup: np.ndarray, lookup_lengths: np.ndarray, e
     choose_rows(drafts, lookup, lookup_lengths, eligible, confidences, float(max_confidence),
                 tokens, max_lengths, took)
     return LookupChoice(tokens, max_lengths, took)
-
-
-def verify_lengths(policy: np.ndarray, choice: LookupChoice, K: int) -> np.ndarray:
-    """How many drafts each row verifies after the choice: the policy's length (0..K,
-    from the drafter's confidences) cut to the chosen proposal's length, except that a
-    row the policy verifies whole runs on to the end of lookup's proposal, which may be
-    longer than the drafter's K (num_speculative_tokens > block_size). Past the
-    drafter's block there are no confidences to judge by."""
-    return np.where(policy >= K, choice.max_lengths, np.minimum(policy, choice.max_lengths))
 
 
 @functools.cache

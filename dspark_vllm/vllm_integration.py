@@ -34,7 +34,7 @@ from . import sps as sps_profile
 from .calibration import ConfidenceMap, calibrated_logits, load_calibration, scaled_maps
 from .config import DSparkOptions, PROPOSER_PATH, options_from_additional_config
 from .guard import BreakEvenGuard
-from .lookup import LookupChoice, choose, verify_lengths
+from .lookup import LookupChoice, choose
 from .metrics import DSparkPrometheus, EngineStats, StatsReport
 from .model.checkpoint import TargetInfo, load_draft_model, validate_checkpoint
 from .model.config import DSparkConfig, DSparkConfigError
@@ -1080,7 +1080,7 @@ class DSparkRunnerMixin:
                                                 sampling_metadata.all_greedy)
         if choice is not None:
             tokens_h = torch.from_numpy(choice.tokens)
-            lengths = torch.from_numpy(verify_lengths(lengths.numpy(), choice, K))
+            lengths = torch.from_numpy(choice.verify_lengths(lengths.numpy(), K))
             drafter.stats.record_lookup(int(choice.took.sum()))
 
         # 4. Hand over: token lists to the scheduler, q rows on vLLM's draft-probs route.

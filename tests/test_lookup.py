@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 
 from dspark_vllm.config import options_from_additional_config
-from dspark_vllm.lookup import choose, verify_lengths
+from dspark_vllm.lookup import choose
 from dspark_vllm.model.config import DSparkConfigError
 
 
@@ -54,8 +54,8 @@ def test_lookup_runs_past_the_drafters_block():
     assert choice.tokens[0].tolist() == [5, 6, 7, 8, 9] and choice.tokens[2].tolist() == [5, 6, 1, 2, 3]
     assert choice.tokens[3, :3].tolist() == [5, 6, 7]
     # the policy's lengths (0..K) cut to the proposal; a whole block runs on to lookup's end
-    assert verify_lengths(np.array([3, 3, 3, 3]), choice, 3).tolist() == [5, 3, 5, 3]
-    assert verify_lengths(np.array([2, 1, 0, 2]), choice, 3).tolist() == [2, 1, 0, 2]
+    assert choice.verify_lengths(np.array([3, 3, 3, 3]), 3).tolist() == [5, 3, 5, 3]
+    assert choice.verify_lengths(np.array([2, 1, 0, 2]), 3).tolist() == [2, 1, 0, 2]
 
 
 @pytest.mark.parametrize("bad,field", [({"min_n": 0}, "prompt_lookup.min_n"),
